@@ -1,0 +1,5 @@
+import sys
+
+from sinkprune.cli import main
+
+sys.exit(main())

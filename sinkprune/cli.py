@@ -1,0 +1,43 @@
+"""The `sinkprune` command line: one sub-command per offline job.
+
+Each command lives in its own module exposing `register(subparsers)`, which adds
+its parser and sets `func`; this file only assembles them. Bad input exits with
+code 2 and a message naming what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "sinkprune.commands.generate",
+    "sinkprune.commands.corpus",
+    "sinkprune.commands.train",
+]
+
+
+class UsageError(Exception):
+    """Raised by a command for bad input; printed and turned into exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sinkprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"sinkprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Text data for the embedded model: the offline corpus and its BPE tokenizer."""

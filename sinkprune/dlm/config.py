@@ -1,0 +1,165 @@
+"""One config for every supported diffusion LM, read from a checkpoint's config.json.
+
+LLaDA checkpoints use OLMo-style keys (`d_model`, `n_layers`, ...), Dream uses
+Qwen2 keys (`hidden_size`, `num_hidden_layers`, ...). `DLMConfig` normalises
+both, and keeps the original dict so a saved model directory looks exactly like
+the checkpoint it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LLADA = "llada"
+DREAM = "dream"
+SUPPORTED_MODEL_TYPES = (LLADA, DREAM)
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a supported model."""
+
+
+@dataclass(frozen=True)
+class DLMConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float
+    norm_eps: float
+    max_position_embeddings: int
+    mask_token_id: int
+    qkv_bias: bool
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "DLMConfig":
+        """Normalise a checkpoint's config.json dict; raises ConfigError naming the problem."""
+        model_type = str(hf.get("model_type", "")).lower()
+        if model_type == LLADA:
+            config = _from_llada(hf)
+        elif model_type == DREAM:
+            config = _from_dream(hf)
+        else:
+            raise ConfigError(
+                f"unknown model_type {hf.get('model_type')!r}: supported are 'llada' and 'Dream'/'dream'"
+            )
+        config._validate()
+        return config
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json dict to save: the original keys, with our values written back."""
+        out = dict(self.hf_config) or _native_skeleton(self)
+        out.update(_native_values(self))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("hf_config")
+        return data
+
+    def _validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{self.num_heads} heads are not divisible by {self.num_kv_heads} key/value heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(f"mask_token_id {self.mask_token_id} outside the vocabulary of {self.vocab_size}")
+
+
+def _require(hf: dict[str, Any], key: str) -> Any:
+    if key not in hf or hf[key] is None:
+        raise ConfigError(f"config.json of a {hf.get('model_type')} model lacks {key!r}")
+    return hf[key]
+
+
+def _from_llada(hf: dict[str, Any]) -> DLMConfig:
+    if hf.get("weight_tying"):
+        raise ConfigError("LLaDA config with weight_tying=true is not supported (public checkpoints are untied)")
+    if hf.get("include_bias"):
+        raise ConfigError("LLaDA config with include_bias=true is not supported (public checkpoints have no biases)")
+    if hf.get("block_type", "llama") != "llama":
+        raise ConfigError(f"LLaDA block_type {hf.get('block_type')!r} is not supported, only 'llama'")
+    d_model = int(_require(hf, "d_model"))
+    hidden = hf.get("mlp_hidden_size") or int(hf.get("mlp_ratio", 4) * d_model)
+    n_heads = int(_require(hf, "n_heads"))
+    return DLMConfig(
+        model_type=LLADA,
+        vocab_size=int(hf.get("embedding_size") or _require(hf, "vocab_size")),
+        hidden_size=d_model,
+        intermediate_size=int(hidden),
+        num_layers=int(_require(hf, "n_layers")),
+        num_heads=n_heads,
+        num_kv_heads=int(hf.get("n_kv_heads") or n_heads),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
+        mask_token_id=int(_require(hf, "mask_token_id")),
+        qkv_bias=False,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        hf_config=dict(hf),
+    )
+
+
+def _from_dream(hf: dict[str, Any]) -> DLMConfig:
+    n_heads = int(_require(hf, "num_attention_heads"))
+    if hf.get("tie_word_embeddings"):
+        raise ConfigError("Dream config with tie_word_embeddings=true is not supported (public checkpoints are untied)")
+    return DLMConfig(
+        model_type=DREAM,
+        vocab_size=int(_require(hf, "vocab_size")),
+        hidden_size=int(_require(hf, "hidden_size")),
+        intermediate_size=int(_require(hf, "intermediate_size")),
+        num_layers=int(_require(hf, "num_hidden_layers")),
+        num_heads=n_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        mask_token_id=int(_require(hf, "mask_token_id")),
+        qkv_bias=True,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        hf_config=dict(hf),
+    )
+
+
+def _native_skeleton(config: DLMConfig) -> dict[str, Any]:
+    """Fixed keys of a fresh config.json for a model not loaded from a checkpoint."""
+    if config.model_type == LLADA:
+        return {"architectures": ["LLaDAModelLM"], "model_type": "llada", "block_type": "llama",
+                "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
+                "weight_tying": False, "use_cache": False}
+    return {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",
+            "tie_word_embeddings": False, "use_cache": False}
+
+
+def _native_values(config: DLMConfig) -> dict[str, Any]:
+    common = {"rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps,
+              "mask_token_id": config.mask_token_id, "bos_token_id": config.bos_token_id,
+              "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    if config.model_type == LLADA:
+        return {**common, "d_model": config.hidden_size, "n_heads": config.num_heads,
+                "n_kv_heads": config.num_kv_heads, "n_layers": config.num_layers,
+                "mlp_hidden_size": config.intermediate_size, "vocab_size": config.vocab_size,
+                "embedding_size": config.vocab_size, "include_bias": False,
+                "max_sequence_length": config.max_position_embeddings}
+    return {**common, "hidden_size": config.hidden_size, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "num_hidden_layers": config.num_layers,
+            "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings}

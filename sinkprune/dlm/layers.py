@@ -1,0 +1,144 @@
+"""Building blocks shared by the LLaDA and Dream architectures.
+
+The two models differ only in parameter names, biases and grouped-query
+attention, so the maths lives here once and each model file only wires its own
+(checkpoint-named) modules into these functions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, as both reference implementations do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its weights, built once per forward.
+
+    `key_mask` is (batch, 1, 1, keys) bool, True where a key may be attended
+    (None: every key is real). `query_mask` is (batch, queries) bool, used only
+    to leave padded queries out of the attention mass.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None
+    query_mask: torch.Tensor | None
+    want_mass: bool = False
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables (batch, 1, seq, head_dim) in the rotate-half layout of LLaMA/OLMo/Qwen2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def make_attention_inputs(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    want_mass: bool = False,
+) -> AttentionInputs:
+    """Positions and masks for one forward pass.
+
+    With a padding mask (1 = real token, left or right padding), positions count
+    real tokens only, so each row gets exactly the rotary phases it would get
+    alone, and padded keys are never attended.
+    """
+    if attention_mask is None:
+        position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        key_mask = query_mask = None
+    else:
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        if real.shape != (batch, seq):
+            raise ValueError(f"attention_mask shape {tuple(real.shape)} does not match input_ids {(batch, seq)}")
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        key_mask = real[:, None, None, :]
+        query_mask = real
+    cos, sin = rotary_tables(position_ids, head_dim, theta, dtype)
+    return AttentionInputs(cos, sin, key_mask, query_mask, want_mass)
+
+
+def attention(
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    out_proj: nn.Module,
+    x: torch.Tensor,
+    inputs: AttentionInputs,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bidirectional multi-head (or grouped-query) attention.
+
+    Returns the projected output and, only if `inputs.want_mass`, the attention
+    mass per key position: softmax probabilities summed over heads and real
+    queries, shape (batch, keys). The default path is fused SDPA; the mass path
+    materialises the probabilities and is only for analysis.
+    """
+    batch, seq, _ = x.shape
+    head_dim = q_proj.weight.shape[0] // num_heads
+    q = q_proj(x).view(batch, seq, num_heads, head_dim).transpose(1, 2)
+    k = k_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
+    q = apply_rotary(q, inputs.cos, inputs.sin)
+    k = apply_rotary(k, inputs.cos, inputs.sin)
+    if num_kv_heads != num_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    mass = None
+    if inputs.want_mass:
+        out, mass = _attention_with_mass(q, k, v, inputs)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask)
+    out = out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
+    return out_proj(out), mass
+
+
+def _attention_with_mass(q, k, v, inputs: AttentionInputs):
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if inputs.key_mask is not None:
+        scores = scores.masked_fill(~inputs.key_mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    if inputs.query_mask is not None:
+        probs_for_mass = probs * inputs.query_mask[:, None, :, None]
+    else:
+        probs_for_mass = probs
+    mass = probs_for_mass.sum(dim=(1, 2))
+    return probs.to(v.dtype) @ v, mass
+
+
+def swiglu(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return down_proj(F.silu(gate_proj(x)) * up_proj(x))

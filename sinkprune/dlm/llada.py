@@ -1,0 +1,69 @@
+"""LLaDA (GSAI-ML/LLaDA-8B-*): a bidirectional LLaMA-style transformer.
+
+Module names follow the public checkpoints (OLMo layout), so their safetensors
+load with no renaming: `model.transformer.{wte, blocks.N.*, ln_f, ff_out}`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sinkprune.dlm.config import DLMConfig
+from sinkprune.dlm.layers import AttentionInputs, RMSNorm, attention, swiglu
+from sinkprune.dlm.model import DiffusionLM
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        d, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.attn_norm = RMSNorm(d, config.norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.norm_eps)
+        self.ff_proj = nn.Linear(d, config.intermediate_size, bias=False)  # gate (SiLU side)
+        self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
+        self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs):
+        attn, mass = attention(self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                               self.attn_norm(hidden), inputs, self.num_heads, self.num_kv_heads)
+        hidden = hidden + attn
+        hidden = hidden + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(hidden))
+        return hidden, mass
+
+
+class LLaDATransformer(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.hidden_size),
+            "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.num_layers)),
+            "ln_f": RMSNorm(config.hidden_size, config.norm_eps),
+            "ff_out": nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+        })
+
+
+class LLaDAModelLM(DiffusionLM):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = LLaDATransformer(config)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer["blocks"]
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.transformer["wte"].weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.transformer["wte"](input_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        t = self.model.transformer
+        return t["ff_out"](t["ln_f"](hidden))

@@ -1,0 +1,188 @@
+"""Build, save and load diffusion LMs in the Hugging Face directory layout.
+
+A model directory is `config.json` + `model.safetensors` (or shards with
+`model.safetensors.index.json`) + tokenizer files; this is how LLaDA-8B and
+Dream-7B ship, so a local copy of either loads with no conversion. Weights are
+loaded with `assign=True` into a model built on the meta device, so an 8B
+model is never allocated twice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
+from sinkprune.dlm.dream import DreamModel
+from sinkprune.dlm.llada import LLaDAModelLM
+from sinkprune.dlm.model import DiffusionLM
+
+ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: DreamModel}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+EMBEDDED_NAME = "embedded"
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be loaded; the message names the file or tensor."""
+
+
+def build_model(config: DLMConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionLM:
+    """Instantiate the architecture for `config`; on `device="meta"` nothing is allocated."""
+    with torch.device(device):
+        model = ARCHITECTURES[config.model_type](config)
+    return model.to(dtype=dtype)
+
+
+def embedded_model_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "embedded" / "model"
+
+
+def resolve_model_dir(path_or_name: str | Path) -> Path:
+    """`embedded` names the shipped default model; anything else is a local directory."""
+    if str(path_or_name) == EMBEDDED_NAME:
+        path = embedded_model_dir()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"the embedded model is not in this installation (expected {path})")
+        return path
+    path = Path(path_or_name).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist (give a local HF-layout directory or 'embedded')")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    return path
+
+
+def read_config(model_dir: Path) -> DLMConfig:
+    return DLMConfig.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a directory: the index's shards, or the single file."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / name for name in shards]
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [model_dir / SINGLE_FILE]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"weight shard {file.name} listed in {INDEX_FILE} is missing from {model_dir}")
+    return files
+
+
+def read_state_dict(model_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        state.update(load_file(str(file), device=str(device)))
+    return state
+
+
+def check_state_dict(model: DiffusionLM, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose tensors do not match the architecture, naming them."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s), first: {', '.join(missing[:3])}")
+    if unexpected:
+        raise ModelLoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(state[name].shape)}, the config expects {shape}")
+
+
+def config_dtype(config: DLMConfig) -> torch.dtype:
+    name = config.hf_config.get("torch_dtype") or config.hf_config.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def load_model(
+    path_or_name: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+):
+    """Load `(model, tokenizer)` from a local HF-layout directory or the name `embedded`.
+
+    `dtype=None` keeps the checkpoint's own dtype. The model is returned in eval mode.
+    """
+    model_dir = resolve_model_dir(path_or_name)
+    config = read_config(model_dir)
+    dtype = dtype or config_dtype(config)
+    model = build_model(config, device="meta", dtype=dtype)
+    state = read_state_dict(model_dir, device)
+    check_state_dict(model, state)
+    state = {name: t.to(dtype=dtype) for name, t in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval()
+    tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
+    return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's tokenizer through `transformers`, never executing remote code.
+
+    Dream ships a custom tokenizer class; when AutoTokenizer cannot build it
+    without `trust_remote_code`, its `tokenizer.json` is loaded directly.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    model_dir = Path(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as err:
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"no usable tokenizer in {model_dir}: {err}") from err
+        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+
+
+def save_model(
+    model: DiffusionLM,
+    out_dir: str | Path,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` (and tokenizer) as a checkpoint-style directory, sharded above
+    `max_shard_bytes` with an index exactly like the public checkpoints'."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {n: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for n, t in model.state_dict().items()}
+    shards = _split_shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({tensor: name for tensor in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = model.config.to_hf_config()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny LLaDA and Dream models with random but non-degenerate weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkprune.dlm import DLMConfig, build_model
+
+VOCAB = 96
+MASK_ID = 95
+PAD_ID = 94
+
+
+def tiny_hf_config(model_type: str) -> dict:
+    if model_type == "llada":
+        return {"model_type": "llada", "d_model": 64, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2,
+                "mlp_hidden_size": 128, "vocab_size": VOCAB, "embedding_size": VOCAB, "rope_theta": 10000.0,
+                "rms_norm_eps": 1e-5, "mask_token_id": MASK_ID, "pad_token_id": PAD_ID, "eos_token_id": 1}
+    return {"model_type": "Dream", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": VOCAB, "rope_theta": 1e6,
+            "rms_norm_eps": 1e-6, "mask_token_id": MASK_ID, "pad_token_id": PAD_ID, "eos_token_id": 1}
+
+
+def random_model(model_type: str, dtype=torch.float64, seed: int = 0, std: float = 0.3):
+    """Weights large enough that argmax decisions differ between positions and steps."""
+    config = DLMConfig.from_hf_config(tiny_hf_config(model_type))
+    model = build_model(config, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=dtype) * std)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator, dtype=dtype))
+            else:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator, dtype=dtype))
+    return model.eval()
+
+
+@pytest.fixture(params=["llada", "dream"])
+def model_type(request) -> str:
+    return request.param

@@ -1,0 +1,197 @@
+"""The architectures: checkpoint-compatible names, save/load, padding, attention mass."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sinkprune.dlm import DLMConfig, build_model, load_model, save_model
+from sinkprune.dlm.config import ConfigError
+from sinkprune.dlm.loading import ModelLoadError
+from tests.conftest import VOCAB, random_model, tiny_hf_config
+
+# Public config.json of GSAI-ML/LLaDA-8B-Base (the fields that shape the weights).
+LLADA_8B_CONFIG = {
+    "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_heads": 32, "n_kv_heads": 32,
+    "n_layers": 32, "mlp_hidden_size": 12288, "mlp_ratio": 4, "vocab_size": 126464, "embedding_size": 126464,
+    "max_sequence_length": 4096, "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "include_bias": False,
+    "weight_tying": False, "block_type": "llama", "mask_token_id": 126336, "eos_token_id": 126081,
+    "pad_token_id": 126081,
+}
+# Public config.json of Dream-org/Dream-v0-Base-7B.
+DREAM_7B_CONFIG = {
+    "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "intermediate_size": 18944,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
+    "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False, "mask_token_id": 151666, "pad_token_id": 151643, "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+
+def llada_8b_expected() -> dict[str, tuple[int, ...]]:
+    """The tensor table of the LLaDA-8B safetensors index."""
+    table = {"model.transformer.wte.weight": (126464, 4096), "model.transformer.ln_f.weight": (4096,),
+             "model.transformer.ff_out.weight": (126464, 4096)}
+    for i in range(32):
+        block = f"model.transformer.blocks.{i}."
+        table.update({block + "q_proj.weight": (4096, 4096), block + "k_proj.weight": (4096, 4096),
+                      block + "v_proj.weight": (4096, 4096), block + "attn_out.weight": (4096, 4096),
+                      block + "ff_proj.weight": (12288, 4096), block + "up_proj.weight": (12288, 4096),
+                      block + "ff_out.weight": (4096, 12288), block + "attn_norm.weight": (4096,),
+                      block + "ff_norm.weight": (4096,)})
+    return table
+
+
+def dream_7b_expected() -> dict[str, tuple[int, ...]]:
+    """The tensor table of the Dream-v0-7B safetensors index (Qwen2-7B shapes)."""
+    table = {"model.embed_tokens.weight": (152064, 3584), "model.norm.weight": (3584,),
+             "lm_head.weight": (152064, 3584)}
+    for i in range(28):
+        layer = f"model.layers.{i}."
+        table.update({layer + "self_attn.q_proj.weight": (3584, 3584), layer + "self_attn.q_proj.bias": (3584,),
+                      layer + "self_attn.k_proj.weight": (512, 3584), layer + "self_attn.k_proj.bias": (512,),
+                      layer + "self_attn.v_proj.weight": (512, 3584), layer + "self_attn.v_proj.bias": (512,),
+                      layer + "self_attn.o_proj.weight": (3584, 3584),
+                      layer + "mlp.gate_proj.weight": (18944, 3584), layer + "mlp.up_proj.weight": (18944, 3584),
+                      layer + "mlp.down_proj.weight": (3584, 18944),
+                      layer + "input_layernorm.weight": (3584,), layer + "post_attention_layernorm.weight": (3584,)})
+    return table
+
+
+@pytest.mark.parametrize("hf, expected", [(LLADA_8B_CONFIG, llada_8b_expected()), (DREAM_7B_CONFIG, dream_7b_expected())])
+def test_full_size_state_dict_matches_public_checkpoint(hf, expected):
+    model = build_model(DLMConfig.from_hf_config(hf), device="meta", dtype=torch.bfloat16)
+    got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert got == expected
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+
+
+def test_llada_8b_parameter_count():
+    model = build_model(DLMConfig.from_hf_config(LLADA_8B_CONFIG), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 8_015_581_184
+
+
+def test_config_round_trip_keeps_native_keys(model_type):
+    config = DLMConfig.from_hf_config(tiny_hf_config(model_type))
+    again = DLMConfig.from_hf_config(config.to_hf_config())
+    assert again == config
+    native_key = "d_model" if model_type == "llada" else "hidden_size"
+    assert native_key in config.to_hf_config()
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 40_000])
+def test_save_and_load_give_identical_logits(tmp_path, model_type, shard_bytes):
+    model = random_model(model_type, dtype=torch.float32)
+    save_model(model, tmp_path / "m", max_shard_bytes=shard_bytes)
+    if shard_bytes:
+        index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    loaded, _ = load_model(tmp_path / "m", with_tokenizer=False)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_load_keeps_checkpoint_dtype_unless_asked(tmp_path, model_type):
+    save_model(random_model(model_type), tmp_path / "m", dtype=torch.bfloat16)
+    assert next(load_model(tmp_path / "m", with_tokenizer=False)[0].parameters()).dtype == torch.bfloat16
+    assert next(load_model(tmp_path / "m", dtype=torch.float32, with_tokenizer=False)[0].parameters()).dtype == torch.float32
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="unknown model_type 'gpt2'"):
+        DLMConfig.from_hf_config({"model_type": "gpt2"})
+    model = random_model("llada")
+    save_model(model, tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    broken = dict(state)
+    del broken["model.transformer.blocks.1.up_proj.weight"]
+    save_file(broken, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"blocks\.1\.up_proj\.weight"):
+        load_model(tmp_path / "m", with_tokenizer=False)
+    broken = dict(state)
+    broken["model.transformer.ln_f.weight"] = torch.ones(3)
+    save_file(broken, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"ln_f\.weight has shape \(3,\)"):
+        load_model(tmp_path / "m", with_tokenizer=False)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_equal_rows_alone(model_type, side):
+    model = random_model(model_type)
+    rows = [torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9)]
+    width = 9
+    ids = torch.full((2, width), 94)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[r, sl], mask[r, sl] = row, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for r, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            torch.testing.assert_close(batched[r, sl], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_mass_path_matches_fast_path_and_sums(model_type):
+    model = random_model(model_type)
+    ids = torch.randint(0, 90, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        fast = model(ids, attention_mask=mask)
+        slow = model(ids, attention_mask=mask, output_attention_mass=True)
+    assert fast.attention_mass is None
+    torch.testing.assert_close(fast.logits, slow.logits)
+    heads = model.config.num_heads
+    for mass in slow.attention_mass:
+        assert mass.shape == (2, 7)
+        # every real query spreads probability 1 per head over the keys; pads receive none
+        torch.testing.assert_close(mass.sum(-1), torch.tensor([5.0 * heads, 7.0 * heads], dtype=mass.dtype))
+        assert torch.all(mass[0, :2] == 0)
+
+
+def test_dream_logits_are_shifted_right():
+    model = random_model("dream")
+    ids = torch.randint(0, 90, (1, 6))
+    with torch.no_grad():
+        hidden = model.embed(ids)
+        inputs = model.attention_inputs(ids)
+        for block in model.blocks:
+            hidden, _ = block(hidden, inputs)
+        raw = model.head(hidden)
+        shifted = model(ids).logits
+    torch.testing.assert_close(shifted[:, 1:], raw[:, :-1])
+    torch.testing.assert_close(shifted[:, 0], raw[:, 0])
+
+
+def test_no_causal_mask_future_tokens_change_earlier_logits():
+    model = random_model("llada")
+    ids = torch.randint(0, 90, (1, 6))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 90
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[0, 0], model(changed).logits[0, 0])
+
+
+def test_hf_directory_with_tokenizer_round_trips(tmp_path, model_type):
+    from sinkprune.dlm.loading import load_tokenizer
+    from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
+
+    tokenizer = load_tokenizer(PACKAGE_TOKENIZER_DIR)
+    hf = tiny_hf_config(model_type) | {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+    hf.pop("embedding_size", None)
+    model = build_model(DLMConfig.from_hf_config(hf))
+    out = save_model(model, tmp_path / model_type, tokenizer=tokenizer)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    loaded, loaded_tokenizer = load_model(out)
+    text = "SELECT name FROM pg_class; the function returns None."
+    ids = torch.tensor([loaded_tokenizer(text)["input_ids"]])
+    assert ids[0].tolist() == tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
