@@ -14,6 +14,9 @@ COMMAND_MODULES = [
     "sinkprune.commands.generate",
     "sinkprune.commands.corpus",
     "sinkprune.commands.train",
+    "sinkprune.commands.analyze",
+    "sinkprune.commands.prune",
+    "sinkprune.commands.eval",
 ]
 
 
