@@ -195,3 +195,21 @@ def test_hf_directory_with_tokenizer_round_trips(tmp_path, model_type):
     assert ids[0].tolist() == tokenizer(text)["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_causal_analysis_mode_hides_the_future(model_type):
+    model = random_model(model_type)
+    ids = torch.randint(0, 90, (1, 6))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 90
+    with torch.no_grad():
+        a = model(ids, causal=True, output_attention_mass=True)
+        b = model(changed, causal=True)
+        fast = model(ids, causal=True)
+    unaffected = 6 if model_type == "dream" else 5  # Dream's position i shows the logit of i-1
+    torch.testing.assert_close(a.logits[0, :unaffected], b.logits[0, :unaffected])
+    assert not torch.allclose(a.logits[0, unaffected - 1], model(changed).logits[0, unaffected - 1])
+    torch.testing.assert_close(a.logits, fast.logits)
+    # query i attends to i+1 keys: key j receives mass from the (L - j) queries at or after it
+    heads = model.config.num_heads
+    assert a.attention_mass[0][0, -1].item() < heads + 1e-9

@@ -32,8 +32,8 @@ class RMSNorm(nn.Module):
 class AttentionInputs:
     """What every layer's attention needs besides its weights, built once per forward.
 
-    `key_mask` is (batch, 1, 1, keys) bool, True where a key may be attended
-    (None: every key is real). `query_mask` is (batch, queries) bool, used only
+    `key_mask` is (batch, 1, 1 or queries, keys) bool, True where a key may be
+    attended (None: every key is real). `query_mask` is (batch, queries) bool, used only
     to leave padded queries out of the attention mass.
     """
 
@@ -70,12 +70,14 @@ def make_attention_inputs(
     device: torch.device,
     dtype: torch.dtype,
     want_mass: bool = False,
+    causal: bool = False,
 ) -> AttentionInputs:
     """Positions and masks for one forward pass.
 
     With a padding mask (1 = real token, left or right padding), positions count
     real tokens only, so each row gets exactly the rotary phases it would get
-    alone, and padded keys are never attended.
+    alone, and padded keys are never attended. `causal` adds an autoregressive
+    mask, only to compare a DLM's attention with the AR pattern.
     """
     if attention_mask is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
@@ -87,6 +89,9 @@ def make_attention_inputs(
         position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
         key_mask = real[:, None, None, :]
         query_mask = real
+    if causal:
+        lower = torch.ones((seq, seq), dtype=torch.bool, device=device).tril()[None, None]
+        key_mask = lower if key_mask is None else key_mask & lower
     cos, sin = rotary_tables(position_ids, head_dim, theta, dtype)
     return AttentionInputs(cos, sin, key_mask, query_mask, want_mass)
 

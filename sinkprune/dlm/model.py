@@ -37,13 +37,17 @@ class DiffusionLM(nn.Module):
         raise NotImplementedError
 
     def attention_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, want_mass: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        want_mass: bool = False,
+        causal: bool = False,
     ) -> AttentionInputs:
         batch, seq = input_ids.shape
         param = self.embed_weight
         return make_attention_inputs(
             attention_mask, batch, seq, self.config.head_dim, self.config.rope_theta,
-            param.device, param.dtype, want_mass,
+            param.device, param.dtype, want_mass, causal,
         )
 
     @property
@@ -66,10 +70,12 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_attention_mass: bool = False,
+        causal: bool = False,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
-        makes a padded row give the same logits as that row alone."""
-        inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass)
+        makes a padded row give the same logits as that row alone. `causal=True`
+        is for analysis only (the AR-style comparison of attention sinks)."""
+        inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal)
         hidden = self.embed(input_ids)
         masses = []
         for block in self.blocks:
