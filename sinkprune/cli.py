@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "sinkprune.commands.analyze",
     "sinkprune.commands.prune",
     "sinkprune.commands.eval",
+    "sinkprune.commands.compare",
 ]
 
 

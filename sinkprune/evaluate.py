@@ -6,7 +6,7 @@ from sinkprune.data.windows import make_windows, token_stream
 from sinkprune.dlm.likelihood import estimate_nll, paired_difference
 
 
-def text_windows(tokenizer, split: str = "evaluation", count: int = 64, seq_len: int = 256, files=None):
+def text_windows(tokenizer, split: str = "evaluation", count: int | None = 64, seq_len: int = 256, files=None):
     """BOS-led windows from a shipped split (or local text files)."""
     documents = load_text_files(files) if files else load_split(split)
     return make_windows(token_stream(documents, tokenizer), seq_len, tokenizer.bos_token_id, count)

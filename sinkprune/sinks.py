@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sinkprune.dlm.diffusion import add_noise
+from sinkprune.dlm.diffusion import noise_at_timesteps
 from sinkprune.dlm.model import DiffusionLM
 
 
@@ -26,25 +26,20 @@ def collect_attention_mass(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Mass per (timestep, layer, window, key position), float32 on the CPU.
 
-    The first position (BOS) is never masked, as at generation time; the noise
-    depends only on `seed` and the timestep index, so runs are reproducible.
+    BOS is never masked, as at generation time; the noise depends only on
+    `seed`. `causal=True` gives the AR-style comparison on the same model.
     """
     device = model.embed_weight.device
+    noisy = noise_at_timesteps(windows, timesteps, model.config.mask_token_id, seed)
     out = torch.zeros(len(timesteps), model.config.num_layers, *windows.shape)
-    protect = torch.zeros_like(windows, dtype=torch.bool)
-    protect[:, 0] = True
     jobs = [(i, lo) for i in range(len(timesteps)) for lo in range(0, len(windows), batch_size)]
-    noisy = None
     for i, lo in tqdm(jobs, desc="attention mass", disable=not progress):
-        if lo == 0:  # one draw per timestep over all windows: results do not depend on batch_size
-            generator = torch.Generator().manual_seed(seed * 1009 + i)
-            noisy, _, _ = add_noise(windows, timesteps[i], model.config.mask_token_id,
-                                    generator=generator, protect=protect)
-        chunk = noisy[lo:lo + batch_size].to(device)
-        masses = model(chunk, output_attention_mass=True).attention_mass
+        chunk = noisy[i, lo:lo + batch_size].to(device)
+        masses = model(chunk, output_attention_mass=True, causal=causal).attention_mass
         out[i, :, lo:lo + len(chunk)] = torch.stack(masses).float().cpu()
     return out
 

@@ -1,13 +1,18 @@
-"""Patterns, masks and the magnitude / Wanda scores."""
+"""Patterns, masks, scores, SparseGPT and sequential pruning with every method."""
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
 
-from sinkprune.calibration import default_timesteps, input_square_sums, prunable_linears
+from sinkprune import calibration
+from sinkprune.calibration import default_timesteps, prunable_linears
 from sinkprune.masks import follows_pattern, make_mask, parse_pattern
-from sinkprune.prune import prune_model
+from sinkprune.prune import METHODS, PruneSettings, prune_model
 from sinkprune.scores import wanda_score
+from sinkprune.sink_scores import sink_scores_from_mass
+from sinkprune.sparsegpt import sparsegpt_prune
 from tests.conftest import random_model
 
 
@@ -31,29 +36,102 @@ def test_unstructured_mask_prunes_each_row_by_ratio():
     scores = torch.rand(6, 40)
     mask = make_mask(scores, parse_pattern("unstructured:0.25"))
     assert (mask.sum(1) == 30).all()
-    # the dropped ones are each row's lowest
-    for row in range(6):
+    for row in range(6):  # the dropped ones are each row's lowest
         assert scores[row][~mask[row]].max() <= scores[row][mask[row]].min()
 
 
 def test_wanda_prefers_weights_on_loud_inputs():
-    weight = torch.ones(1, 4)
-    norms = torch.tensor([1.0, 100.0, 4.0, 9.0])
-    keep = make_mask(wanda_score(weight, norms), parse_pattern("2:4"))
+    keep = make_mask(wanda_score(torch.ones(1, 4), torch.tensor([1.0, 100.0, 4.0, 9.0])), parse_pattern("2:4"))
     assert keep.tolist() == [[False, True, False, True]]
 
 
-def test_prune_model_hits_the_pattern_everywhere(model_type):
+def test_sink_score_is_nearly_a_hard_threshold_in_reference_units():
+    mass = torch.ones(1, 32) * 10.0
+    mass[0, 0] = 200.0  # a sink far above mean + 2 std
+    scores = sink_scores_from_mass(mass)
+    assert scores[0, 0] > 0.99 and (scores[0, 1:] < 0.01).all()
+
+
+@pytest.mark.parametrize("spec", ["2:4", "unstructured:0.5", "unstructured:0.3"])
+def test_sparsegpt_hits_the_pattern_and_beats_magnitude_on_reconstruction(spec):
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(64, 64, generator=generator) / 8 + torch.eye(64)  # correlated inputs ...
+    scale = torch.rand(64, generator=generator) * 3 + 0.1  # ... on channels of uneven size
+    x = torch.randn(512, 64, generator=generator) @ mixing * scale
+    weight = torch.randn(16, 64, generator=generator)
+    pattern = parse_pattern(spec)
+    pruned = sparsegpt_prune(weight, x.T @ x, pattern, block_size=32)
+    if pattern.kind == "nm":
+        assert follows_pattern(pruned, pattern)
+        assert ((pruned.reshape(16, 16, 4) != 0).sum(-1) == 2).all()
+    else:
+        zeros = (pruned == 0).sum(1).float()
+        assert (zeros - pattern.ratio * 64).abs().max() <= 1
+    magnitude = weight * make_mask(weight.abs(), pattern)
+    error = lambda w: (x @ (weight - w).T).pow(2).sum()  # noqa: E731
+    assert error(pruned) < 0.8 * error(magnitude)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("spec", ["2:4", "unstructured:0.5"])
+def test_every_method_hits_the_pattern_exactly(model_type, method, spec):
     model = random_model(model_type, dtype=torch.float32)
-    windows = torch.randint(3, 90, (4, 16))
-    sums = input_square_sums(model, windows, default_timesteps()[:3])
-    assert set(sums) == set(prunable_linears(model))
-    sparsity = prune_model(model, "wanda", parse_pattern("2:4"), sums)
+    windows = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+    windows[:, 0] = 0
+    sparsity = prune_model(model, PruneSettings(method, spec, default_timesteps()[:2]), windows)
     assert len(sparsity) == 7 * model.config.num_layers
+    pattern = parse_pattern(spec)
     for name, linear in prunable_linears(model).items():
-        assert follows_pattern(linear.weight, parse_pattern("2:4")), name
-        assert abs(sparsity[name] - 0.5) < 1e-6
+        if pattern.kind == "nm":
+            groups = (linear.weight.reshape(linear.out_features, -1, 4) != 0).sum(-1)
+            assert (groups == 2).all(), name
+        else:
+            zeros = (linear.weight == 0).sum(1).float()
+            assert (zeros - 0.5 * linear.in_features).abs().max() <= 1, name
 
 
-def test_default_timesteps_are_the_papers():
-    assert default_timesteps() == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_zero_sink_scores_select_exactly_what_the_base_method_selects(method):
+    windows = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(1))
+    windows[:, 0] = 0
+    base = random_model("llada", dtype=torch.float32)
+    sink = random_model("llada", dtype=torch.float32)
+    timesteps = default_timesteps()[:3]
+    prune_model(base, PruneSettings(method, "2:4", timesteps), windows)
+    prune_model(sink, PruneSettings("sink-" + method, "2:4", timesteps), windows, sink_scores=torch.zeros(4, 16))
+    for (name, a), b in zip(base.state_dict().items(), sink.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_sink_scores_change_the_selection():
+    windows = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(1))
+    base = random_model("llada", dtype=torch.float32)
+    sink = random_model("llada", dtype=torch.float32)
+    scores = torch.zeros(4, 16)
+    scores[:, 0] = 1.0  # BOS fully down-weighted
+    prune_model(base, PruneSettings("wanda", "2:4", [0.5]), windows)
+    prune_model(sink, PruneSettings("sink-wanda", "2:4", [0.5]), windows, sink_scores=scores)
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), sink.state_dict().values()))
+
+
+def test_statistics_live_for_one_block_at_a_time(monkeypatch):
+    """Memory bounded by one block: earlier blocks' statistics are freed before the next block's exist."""
+    alive = weakref.WeakSet()
+    peak = {"n": 0}
+    original = calibration.STATISTICS["hessian"]
+
+    class Tracked(original):
+        def __init__(self, features, device):
+            super().__init__(features, device)
+            alive.add(self)
+            peak["n"] = max(peak["n"], len(alive))
+
+    monkeypatch.setitem(calibration.STATISTICS, "hessian", Tracked)
+    from tests.conftest import tiny_hf_config
+    from sinkprune.dlm import DLMConfig, build_model
+
+    config = DLMConfig.from_hf_config(tiny_hf_config("llada") | {"n_layers": 12})
+    model = build_model(config)
+    windows = torch.randint(3, 90, (2, 16))
+    prune_model(model, PruneSettings("sparsegpt", "2:4", [0.5]), windows)
+    assert peak["n"] == 7  # the linears of one block, never more

@@ -6,45 +6,49 @@ import json
 from pathlib import Path
 
 from sinkprune.prune import METHODS
+from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="prune a model (magnitude or Wanda; N:M or unstructured)")
+    p = sub.add_parser("prune", help="prune a model (magnitude, wanda, sparsegpt, sink-wanda, sink-sparsegpt)")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--method", choices=METHODS, default="wanda")
+    p.add_argument("--method", choices=METHODS, default="sink-wanda")
     p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8) or unstructured:<ratio>")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--calibration-windows", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--diffusion-steps", type=int, default=50, help="timestep grid: t = 1 - i / steps ...")
+    p.add_argument("--every", type=int, default=5, help="... for i = 0, every, 2 * every, ...")
+    p.add_argument("--k", type=float, default=DEFAULT_K, help="sink threshold in standard deviations")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="sink sigmoid sharpness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkprune.calibration import default_timesteps, input_square_sums
+    from sinkprune.calibration import default_timesteps
     from sinkprune.cli import UsageError
     from sinkprune.dlm.loading import ModelLoadError, load_model, save_model
     from sinkprune.evaluate import text_windows
     from sinkprune.masks import parse_pattern
-    from sinkprune.prune import prune_model
+    from sinkprune.prune import PruneSettings, prune_model
 
+    if args.calibration_windows < 1 or args.every < 1 or args.diffusion_steps < args.every:
+        raise UsageError("--calibration-windows and --every must be >= 1, --diffusion-steps >= --every")
     try:
-        pattern = parse_pattern(args.pattern)
+        parse_pattern(args.pattern)
         model, tokenizer = load_model(args.model, device=args.device)
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
-    timesteps = default_timesteps()
-    sums = None
-    if args.method != "magnitude":
-        windows = text_windows(tokenizer, "calibration", args.calibration_windows, args.seq_len)
-        sums = input_square_sums(model, windows, timesteps, args.seed, progress=True)
-    sparsity = prune_model(model, args.method, pattern, sums)
+    settings = PruneSettings(args.method, args.pattern, default_timesteps(args.diffusion_steps, args.every),
+                             args.seed, args.k, args.alpha)
+    windows = text_windows(tokenizer, "calibration", args.calibration_windows, args.seq_len)
+    sparsity = prune_model(model, settings, windows, progress=True)
     out = save_model(model, args.out_dir, tokenizer=tokenizer)
-    manifest = {"base_model": str(args.model), "method": args.method, "pattern": str(pattern),
+    manifest = {"base_model": str(args.model), **settings.to_dict(),
                 "sparsity": sum(sparsity.values()) / len(sparsity), "per_layer_sparsity": sparsity,
-                "calibration": {"windows": args.calibration_windows, "seq_len": args.seq_len,
-                                "timesteps": timesteps, "seed": args.seed}}
+                "calibration": {"windows": len(windows), "seq_len": args.seq_len}}
     (Path(out) / "sinkprune.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({pattern}, {args.method}) -> {out}")
+    print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
     return 0

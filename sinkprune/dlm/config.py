@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sinkprune.dlm.errors import ConfigError
+
 LLADA = "llada"
 DREAM = "dream"
 SUPPORTED_MODEL_TYPES = (LLADA, DREAM)
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a supported model."""
 
 
 @dataclass(frozen=True)

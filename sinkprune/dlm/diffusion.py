@@ -34,3 +34,19 @@ def add_noise(
         masked &= ~protect
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p_mask
+
+
+def noise_at_timesteps(windows: torch.Tensor, timesteps: list[float], mask_id: int, seed: int = 0) -> torch.Tensor:
+    """Every BOS-led window noised at every timestep: (timesteps, windows, seq).
+
+    One draw per timestep from a generator seeded by (seed, timestep index), so
+    the noise never depends on batching, and calibration, sink scores and
+    analysis all see the same inputs for the same seed. BOS is never masked.
+    """
+    protect = torch.zeros_like(windows, dtype=torch.bool)
+    protect[:, 0] = True
+    out = []
+    for i, t in enumerate(timesteps):
+        generator = torch.Generator().manual_seed(seed * 1009 + i)
+        out.append(add_noise(windows, t, mask_id, generator=generator, protect=protect)[0])
+    return torch.stack(out)

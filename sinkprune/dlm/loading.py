@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sinkprune.dlm.artifact_io import decompress_state, verify_manifest
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
+from sinkprune.dlm.errors import ModelLoadError
 from sinkprune.dlm.llada import LLaDAModelLM
 from sinkprune.dlm.model import DiffusionLM
 
@@ -23,10 +25,6 @@ ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: Dream
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EMBEDDED_NAME = "embedded"
-
-
-class ModelLoadError(RuntimeError):
-    """A model directory that cannot be loaded; the message names the file or tensor."""
 
 
 def build_model(config: DLMConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionLM:
@@ -109,15 +107,17 @@ def load_model(
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
 ):
-    """Load `(model, tokenizer)` from a local HF-layout directory or the name `embedded`.
+    """Load `(model, tokenizer)` from a local HF-layout directory, a pruned artifact
+    (hashes verified, 2:4 tensors decompressed and checked) or the name `embedded`.
 
     `dtype=None` keeps the checkpoint's own dtype. The model is returned in eval mode.
     """
     model_dir = resolve_model_dir(path_or_name)
+    verify_manifest(model_dir)
     config = read_config(model_dir)
     dtype = dtype or config_dtype(config)
     model = build_model(config, device="meta", dtype=dtype)
-    state = read_state_dict(model_dir, device)
+    state = decompress_state(read_state_dict(model_dir, device), config.hf_config)
     check_state_dict(model, state)
     state = {name: t.to(dtype=dtype) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
@@ -150,12 +150,18 @@ def save_model(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    extra_config: dict | None = None,
 ) -> Path:
     """Write `model` (and tokenizer) as a checkpoint-style directory, sharded above
-    `max_shard_bytes` with an index exactly like the public checkpoints'."""
+    `max_shard_bytes` with an index exactly like the public checkpoints'.
+
+    `state` replaces the model's own tensors (e.g. compressed ones) and
+    `extra_config` is merged into config.json (e.g. a `quantization_config`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {n: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for n, t in model.state_dict().items()}
+    if state is None:
+        state = {n: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for n, t in model.state_dict().items()}
     shards = _split_shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
@@ -168,7 +174,8 @@ def save_model(
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf = model.config.to_hf_config()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    hf["torch_dtype"] = str(dtype or model.embed_weight.dtype).replace("torch.", "")
+    hf.update(extra_config or {})
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -1,0 +1,56 @@
+"""Writing the artifact that `prune` produces and `serve` loads (see DESIGN.md).
+
+2:4 layers are stored as compressed-tensors `sparse-24-bitmask` (half the
+values plus a one-bit-per-weight mask); other patterns keep dense weights with
+zeros. `sinkprune.json` records the method, settings, per-layer sparsity,
+quality and the sha256 of every file, so a server can refuse a damaged copy.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sinkprune.calibration import prunable_linears
+from sinkprune.dlm.artifact_io import BITMASK_FORMAT, MANIFEST, sha256_file
+from sinkprune.dlm.loading import save_model
+from sinkprune.dlm.model import DiffusionLM
+from sinkprune.masks import parse_pattern
+
+
+def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict with every prunable linear weight in sparse-24-bitmask form."""
+    from kernels.formats import to_bitmask
+
+    state = {name: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for name, t in model.state_dict().items()}
+    targets = []
+    for name in prunable_linears(model):
+        param = name + ".weight"
+        compressed, bitmask, shape = to_bitmask(state.pop(param))
+        state.update({param + ".compressed": compressed, param + ".bitmask": bitmask, param + ".shape": shape})
+        targets.append(name)
+    return state, targets
+
+
+def write_artifact(
+    model: DiffusionLM,
+    out_dir: str | Path,
+    tokenizer,
+    manifest: dict,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save a pruned model as an artifact; `manifest` must hold at least `pattern`."""
+    out = Path(out_dir)
+    pattern = parse_pattern(manifest["pattern"])
+    extra_config = None
+    state = None
+    if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
+        state, targets = compressed_state(model, dtype)
+        extra_config = {"quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {
+            "format": BITMASK_FORMAT, "sparsity_structure": "2:4", "targets": targets, "ignore": [],
+            "global_sparsity": manifest.get("sparsity")}}}
+    save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config)
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
+    return out
