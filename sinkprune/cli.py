@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "sinkprune.commands.prune",
     "sinkprune.commands.eval",
     "sinkprune.commands.compare",
+    "sinkprune.commands.ship",
 ]
 
 

@@ -31,6 +31,7 @@ LOG = "train_log.jsonl"
 class TrainConfig:
     steps: int = 4000
     batch_size: int = 16
+    seq_len: int = 256  # informational: the windows given to train() define it
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 200

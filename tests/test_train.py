@@ -90,3 +90,25 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
     assert abs(lr_at(99, cfg) - 0.1) < 1e-3
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_ship_writes_a_model_card_with_measured_numbers(tmp_path):
+    from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
+    from sinkprune.dlm.loading import load_tokenizer
+    from sinkprune.ship import ship
+
+    tokenizer = load_tokenizer(PACKAGE_TOKENIZER_DIR)
+    hf = tiny_hf_config("llada") | {"vocab_size": len(tokenizer), "embedding_size": len(tokenizer),
+                                    "mask_token_id": tokenizer.mask_token_id, "bos_token_id": 0, "eos_token_id": 1}
+    config = DLMConfig.from_hf_config(hf)
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, eval_every=100, checkpoint_every=100, eval_windows=4, seq_len=32)
+    train(config, _data(), _data()[:4], tmp_path / "run", cfg, tokenizer=tokenizer, progress=False)
+    card = ship(tmp_path / "run", tmp_path / "shipped", eval_windows=2, samples=2)
+    model, _ = load_model(tmp_path / "shipped")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert card["training"]["steps"] == 3
+    assert card["evaluation"]["windows"] == 2 and card["evaluation"]["seq_len"] == 32
+    text = (tmp_path / "shipped" / "README.md").read_text()
+    assert f"{card['evaluation']['shipped']['nll']:.3f}" in text
+    assert set(card["samples_temperature_0"]) and "untrained" in text

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "rms_norm_eps": 1e-5, "mask_token_id": tokenizer.mask_token_id, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
     })
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                       bf16=args.bf16, compile=args.compile, max_minutes=args.max_minutes,
                       model=model_config.to_hf_config())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, RMSNorm, attention, swiglu
+from sinkprune.dlm.layers import AttentionInputs, KVSlot, RMSNorm, attention, swiglu
 from sinkprune.dlm.model import DiffusionLM
 
 
@@ -25,9 +25,9 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs):
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
         return attention(self.q_proj, self.k_proj, self.v_proj, self.o_proj, x, inputs,
-                         self.num_heads, self.num_kv_heads)
+                         self.num_heads, self.num_kv_heads, kv)
 
 
 class DreamMLP(nn.Module):
@@ -49,8 +49,8 @@ class DreamBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = DreamMLP(config)
 
-    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs):
-        attn, mass = self.self_attn(self.input_layernorm(hidden), inputs)
+    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
+        attn, mass = self.self_attn(self.input_layernorm(hidden), inputs, kv)
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, mass

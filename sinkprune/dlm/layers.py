@@ -44,6 +44,25 @@ class AttentionInputs:
     want_mass: bool = False
 
 
+@dataclass
+class LayerKV:
+    """One layer's keys and values, (batch, kv_heads, positions, head_dim), after rotary
+    and before grouped-query expansion: what a prefix cache keeps of a layer."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class KVSlot:
+    """One layer's link to a prefix cache during one forward pass: attention attends to
+    `past` (positions before this pass's own) and, if `keep`, leaves its own in `current`."""
+
+    past: LayerKV | None = None
+    keep: bool = False
+    current: LayerKV | None = None
+
+
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin tables (batch, 1, seq, head_dim) in the rotate-half layout of LLaMA/OLMo/Qwen2."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
@@ -71,6 +90,7 @@ def make_attention_inputs(
     dtype: torch.dtype,
     want_mass: bool = False,
     causal: bool = False,
+    prefix_mask: torch.Tensor | None = None,
 ) -> AttentionInputs:
     """Positions and masks for one forward pass.
 
@@ -78,7 +98,20 @@ def make_attention_inputs(
     real tokens only, so each row gets exactly the rotary phases it would get
     alone, and padded keys are never attended. `causal` adds an autoregressive
     mask, only to compare a DLM's attention with the AR pattern.
+
+    `prefix_mask` (batch, prefix) bool says which cached prefix positions are real:
+    this pass's tokens then continue the prefix (their positions start after its
+    real tokens) and attend to its keys as well as their own.
     """
+    if prefix_mask is not None:
+        if causal:
+            raise ValueError("a prefix cache cannot be combined with causal attention")
+        real = torch.ones((batch, seq), dtype=torch.bool, device=device) if attention_mask is None \
+            else attention_mask.to(device=device, dtype=torch.bool)
+        prefix_mask = prefix_mask.to(device)
+        position_ids = prefix_mask.long().sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
+        cos, sin = rotary_tables(position_ids.clamp(min=0), head_dim, theta, dtype)
+        return AttentionInputs(cos, sin, torch.cat([prefix_mask, real], -1)[:, None, None, :], real, want_mass)
     if attention_mask is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
         key_mask = query_mask = None
@@ -105,13 +138,15 @@ def attention(
     inputs: AttentionInputs,
     num_heads: int,
     num_kv_heads: int,
+    kv: KVSlot | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bidirectional multi-head (or grouped-query) attention.
 
     Returns the projected output and, only if `inputs.want_mass`, the attention
     mass per key position: softmax probabilities summed over heads and real
     queries, shape (batch, keys). The default path is fused SDPA; the mass path
-    materialises the probabilities and is only for analysis.
+    materialises the probabilities and is only for analysis. `kv` exchanges
+    keys/values with a prefix cache (see `KVSlot`).
     """
     batch, seq, _ = x.shape
     head_dim = q_proj.weight.shape[0] // num_heads
@@ -120,6 +155,12 @@ def attention(
     v = v_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
+    if kv is not None:
+        if kv.keep:
+            kv.current = LayerKV(k, v)
+        if kv.past is not None:
+            k = torch.cat([kv.past.keys, k], dim=2)
+            v = torch.cat([kv.past.values, v], dim=2)
     if num_kv_heads != num_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)

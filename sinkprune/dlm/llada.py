@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, RMSNorm, attention, swiglu
+from sinkprune.dlm.layers import AttentionInputs, KVSlot, RMSNorm, attention, swiglu
 from sinkprune.dlm.model import DiffusionLM
 
 
@@ -28,9 +28,9 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
         self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
 
-    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs):
+    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
         attn, mass = attention(self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               self.attn_norm(hidden), inputs, self.num_heads, self.num_kv_heads)
+                               self.attn_norm(hidden), inputs, self.num_heads, self.num_kv_heads, kv)
         hidden = hidden + attn
         hidden = hidden + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(hidden))
         return hidden, mass
