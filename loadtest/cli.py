@@ -1,0 +1,122 @@
+"""`python -m loadtest`: drive real HTTP load at a sinkserve endpoint and summarise it.
+
+Writes one JSON line per request (`records.jsonl`, failures included) and a
+`summary.json` per sweep point, per variant, with vLLM's field names.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import aiohttp
+
+from loadtest.client import RequestRecord, Target, send_completion
+from loadtest.prompts import load_prompts
+from loadtest.runner import Phase, run_phase
+from loadtest.summary import summarize_by_variant
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.splitlines()[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="sinkserve", help="the `model` field of each request")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rates", default=None, help="open loop: comma-separated request rates per second (inf allowed)")
+    mode.add_argument("--concurrencies", default=None, help="closed loop: comma-separated concurrencies (default 4)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
+    p.add_argument("--num-requests", type=int, default=32, help="per sweep point")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="per sweep point; unsent requests are dropped")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-words", type=int, default=24)
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: evaluation text)")
+    p.add_argument("--variant", default=None, help="force a variant (x-dlm-variant header); default: the A/B router")
+    p.add_argument("--users", type=int, default=64, help="distinct user ids cycled through (sticky assignment)")
+    p.add_argument("--extra", default=None, help="JSON merged into every request body, e.g. '{\"steps\": 16}'")
+    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="runs/loadtest")
+    p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not loopback")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def phases(args) -> list[Phase]:
+    if args.rates:
+        return [Phase(args.num_requests, args.max_seconds, rate=float(r), burstiness=args.burstiness, seed=args.seed)
+                for r in args.rates.split(",")]
+    return [Phase(args.num_requests, args.max_seconds, concurrency=int(c)) for c in (args.concurrencies or "4").split(",")]
+
+
+def validate(args) -> None:
+    host = urlparse(args.base_url).hostname
+    if urlparse(args.base_url).scheme not in ("http", "https") or not host:
+        raise ValueError(f"--base-url {args.base_url!r} is not an http(s) URL")
+    if host not in LOOPBACK and not args.allow_remote:
+        raise ValueError(f"--base-url host {host!r} is not loopback; pass --allow-remote to load a remote endpoint")
+    if args.num_requests < 1 or args.max_seconds <= 0 or args.max_tokens < 1 or args.users < 1:
+        raise ValueError("--num-requests, --max-seconds, --max-tokens and --users must be positive")
+    for phase in phases(args):
+        if (phase.rate is not None and phase.rate <= 0) or (phase.concurrency is not None and phase.concurrency < 1):
+            raise ValueError("rates must be > 0 and concurrencies >= 1")
+
+
+async def run(args) -> dict:
+    target = Target(args.base_url, args.model, args.api_key, args.timeout)
+    extra = json.loads(args.extra) if args.extra else None
+    prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with open(out / "records.jsonl", "w") as log:
+            for phase in phases(args):
+                def make_record(i: int) -> RequestRecord:
+                    return RequestRecord(index=i, user=f"user-{i % args.users}", variant_requested=args.variant)
+
+                async def send(record: RequestRecord, start: float) -> RequestRecord:
+                    return await send_completion(session, target, record, prompts[record.index % len(prompts)],
+                                                 args.max_tokens, extra, start)
+
+                records, duration = await run_phase(phase, make_record, send, progress=not args.quiet)
+                for record in records:
+                    log.write(json.dumps({"phase": phase.label, **record.to_dict()}) + "\n")
+                results.append({"phase": phase.label, "rate": phase.rate, "concurrency": phase.concurrency,
+                                "summary": summarize_by_variant(records, duration)})
+    report = {"base_url": args.base_url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
+              "variant": args.variant, "phases": results}
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"{'phase':>18} {'variant':>8} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} "
+          f"{'p50 e2e ms':>10} {'p99 e2e ms':>10} {'p50 ttft ms':>11}")
+    for phase in report["phases"]:
+        for variant, s in phase["summary"].items():
+            print(f"{phase['phase']:>18} {variant:>8} {s['completed']:>4} {s['failed']:>4} "
+                  f"{s['request_throughput']:>7.2f} {s['output_throughput']:>8.1f} {s['p50_e2el_ms']:>10.0f} "
+                  f"{s['p99_e2el_ms']:>10.0f} {s['p50_ttft_ms']:>11.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        if args.extra:
+            json.loads(args.extra)
+    except (ValueError, json.JSONDecodeError) as err:
+        print(f"loadtest: error: {err}", file=sys.stderr)
+        return 2
+    report = asyncio.run(run(args))
+    if not args.quiet:
+        print_table(report)
+        print(f"wrote {Path(args.out_dir) / 'records.jsonl'} and {Path(args.out_dir) / 'summary.json'}")
+    return 0
