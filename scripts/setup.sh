@@ -9,6 +9,16 @@ PY=${PYTHON:-python3}
 STAMP="$VENV/.sinkserve-installed"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 
+# The end-to-end tests and the demo scrape metrics with a real Prometheus server (Debian package).
+if ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing prometheus (Debian package)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    else
+        echo "setup: warning: no prometheus binary; install it (apt-get install prometheus) for the end-to-end tests"
+    fi
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi
@@ -29,6 +39,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 echo "setup: installing sinkserve and its dependencies into $VENV"
-"${PIP[@]}" install -e ".[test]"
+# (pip's notes about this machine's missing local index folders are filtered out; its exit code is kept)
+"${PIP[@]}" install -e ".[test]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$want" > "$STAMP"
 echo "setup: done"

@@ -1,0 +1,139 @@
+"""HTTP request and response bodies (pydantic; they make the OpenAPI schema at /docs).
+
+`/v1/completions` follows OpenAI's completions API, plus the DLM knobs as
+optional extra fields. Unknown fields are refused with an error naming them,
+and OpenAI parameters we cannot honour are accepted only at their neutral value.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sinkprune.dlm.decoding import POLICIES
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class DLMKnobs(BaseModel):
+    """Denoising parameters; unset ones take the engine's defaults."""
+
+    steps: int | None = Field(None, ge=1, description="denoising steps over the whole answer (default: max_tokens)")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size (default: max_tokens)")
+    remasking: Literal[POLICIES] | None = Field(None, description="decoding policy")  # type: ignore[valid-type]
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="Fast-dLLM parallel decoding threshold")
+    prefix_cache: bool | None = Field(None, description="reuse the committed prefix's K/V within a block")
+
+
+class CompletionRequest(DLMKnobs):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    user: str | None = Field(None, max_length=256)
+    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    top_p: float = Field(1.0, ge=1.0, le=1.0, description="accepted only at 1.0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only at 0")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only at 0")
+    echo: bool = Field(False, description="accepted only as false")
+    logprobs: None = Field(None, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class GenerateRequest(DLMKnobs):
+    """The native API: every DLM knob, and the engine's own report in the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | list[int]
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    variant: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    seed: int
+    forward_passes: int
+    latency_s: float
+    time_to_first_block_s: float | None
+    queue_s: float | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sinkserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
