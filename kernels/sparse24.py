@@ -1,0 +1,154 @@
+"""`Sparse24Linear`: an inference `nn.Linear` whose weight is 2:4 sparse, run by the backend the plan picks.
+
+The packed weight (`values`, `meta`) and `bias` are the module's buffers (its
+state_dict). Each backend of the layer's plan prepares its own form of the weight
+once, at construction and after `.to()` / `.half()` (never per call): `dense` the
+dense weight, `triton` nothing (it reads the packed buffers), `cusparselt` /
+`cutlass` a PyTorch semi-structured tensor. A forward picks the backend by M, the
+number of rows of the flattened input.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import Plan, plan_for
+from .formats import bitmask_to_packed, check_packed, pack, packed_shape, unpack
+
+Runner = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# Semi-structured kernels want the dense operand's rows (our M) padded to a multiple of 8 (fp16/bf16).
+ROW_MULTIPLE = 8
+
+
+class _DenseRunner:
+    """Reference path (and the CPU path): the dense weight through F.linear."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+class _TritonRunner:
+    """Our decompress-in-registers kernel over the packed buffers."""
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor) -> None:
+        from .triton_sparse24 import sparse24_matmul  # imported only when used: triton is heavy and optional
+
+        self.matmul = sparse24_matmul
+        self.values, self.meta = values, meta
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.matmul(x, self.values, self.meta, bias)
+
+
+class _SemiStructuredRunner:
+    """PyTorch semi-structured sparsity; `cutlass` picks CUTLASS, else cuSPARSELt (their metadata differ).
+
+    The weight is the sparse operand, so `F.linear` runs the transposed product
+    `(W @ x^T)^T`. M is padded to a multiple of 8 here rather than relying on the
+    PyTorch version's own padding, and the bias is added after the product: a bias
+    fused with the internal transpose has produced wrong results in the past.
+    """
+
+    def __init__(self, weight: torch.Tensor, cutlass: bool) -> None:
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+        previous = SparseSemiStructuredTensor._FORCE_CUTLASS
+        SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+        try:
+            self.weight = to_sparse_semi_structured(weight.contiguous())
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x.shape[0]
+        pad = -m % ROW_MULTIPLE
+        y = F.linear(F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous(), self.weight)[:m]
+        return y if bias is None else y + bias
+
+
+class Sparse24Linear(nn.Module):
+    """`y = x @ W^T + bias` for a 2:4 sparse W `(out_features, in_features)`; inference only.
+
+    `backend`: None ('auto': SINKSERVE_SPARSE_BACKEND, else the dispatch table, else
+    the default rule) or one of dense, triton, cusparselt, cutlass (forced; raises
+    `BackendUnavailable` if it cannot run here). Build the module on the device and
+    dtype it will run in: a later `.to()` rebuilds the backends' weights.
+    """
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str | None = None, name: str = "weight") -> None:
+        super().__init__()
+        out_features, in_features = packed_shape(values, name)
+        if bias is not None and (bias.shape != (out_features,) or bias.dtype != values.dtype
+                                 or bias.device != values.device):
+            raise ValueError(f"{name}: bias must be ({out_features},) {values.dtype} on {values.device}, got "
+                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+        self.in_features, self.out_features = in_features, out_features
+        self.requested_backend = backend
+        self.name = name
+        self.register_buffer("values", values.detach().contiguous())
+        self.register_buffer("meta", meta.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._prepare()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None,
+                   name: str = "weight") -> Sparse24Linear:
+        """From a dense 2:4 weight (ValueError naming the row and group that breaks 2:4)."""
+        values, meta = pack(weight.detach(), name)
+        return cls(values, meta, bias, backend, name)
+
+    @classmethod
+    def from_bitmask(cls, compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor | Sequence[int],
+                     bias: torch.Tensor | None = None, backend: str | None = None,
+                     name: str = "weight") -> Sparse24Linear:
+        """From compressed-tensors `sparse-24-bitmask` tensors, without building the dense weight."""
+        values, meta = bitmask_to_packed(compressed, bitmask, shape, name)
+        return cls(values, meta, bias, backend, name)
+
+    def _prepare(self) -> None:
+        """Validate the packed buffers, choose the plan and build each of its backends' weights."""
+        check_packed(self.values, self.meta, self.name)
+        self.plan: Plan = plan_for(self.values.device, self.values.dtype, self.out_features, self.in_features,
+                                   self.requested_backend)
+        self._runners: dict[str, Runner] = {}
+        dense = None
+        for backend in self.plan.backends:
+            if backend == "triton":
+                self._runners[backend] = _TritonRunner(self.values, self.meta)
+                continue
+            dense = unpack(self.values, self.meta, self.name) if dense is None else dense
+            self._runners[backend] = (_DenseRunner(dense) if backend == "dense"
+                                      else _SemiStructuredRunner(dense, cutlass=backend == "cutlass"))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        super()._apply(fn, recurse)
+        self._prepare()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module's signature
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense (out_features, in_features) weight, rebuilt from the packed buffers."""
+        return unpack(self.values, self.meta, self.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features or x.dtype != self.values.dtype:
+            raise ValueError(f"{self.name}: expected input (..., {self.in_features}) {self.values.dtype}, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        x2d = x.reshape(-1, self.in_features)
+        y = self._runners[self.plan.backend_for(x2d.shape[0])](x2d, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        steps = ", ".join(f"M<={m}: {b}" if m is not None else b for m, b in self.plan.steps)
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"plan=[{steps}]"

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the serving app, through Ray Serve's metrics API.
+
+Ray exports them (with its `ray_` prefix) on each node's metrics port and
+aggregates every replica, so the same names work on one machine and on a
+cluster. One prefix (`sinkserve_`), base units (seconds, tokens), a `variant`
+label on every series, no high-cardinality labels.
+"""
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+PREFIX = "sinkserve_"
+LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class ReplicaMetrics:
+    """What one variant's replica reports: requests, tokens, steps and the engine's batches."""
+
+    def __init__(self, variant: str):
+        self.tags = {"variant": variant}
+        keys = ("variant",)
+        self.requests = Counter(PREFIX + "requests", "Requests finished, by status (ok, error, overloaded, "
+                                "invalid, cancelled)", tag_keys=("variant", "status"))
+        self.latency = Histogram(PREFIX + "request_latency_seconds", "Request latency, arrival to last token",
+                                 boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.ttfb = Histogram(PREFIX + "time_to_first_block_seconds", "Arrival to the first committed block",
+                              boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.queue = Histogram(PREFIX + "queue_time_seconds", "Arrival to first scheduled step",
+                               boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.generated = Counter(PREFIX + "generated_tokens", "Completion tokens returned", tag_keys=keys)
+        self.prompt = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", tag_keys=keys)
+        self.denoising_steps = Counter(PREFIX + "denoising_steps", "Denoising steps run, summed over requests",
+                                       tag_keys=keys)
+        self.forward_passes = Counter(PREFIX + "forward_passes", "Batched forward passes of the engine", tag_keys=keys)
+        self.step_latency = Histogram(PREFIX + "step_latency_seconds", "Latency of one batched denoising step",
+                                      boundaries=STEP_BUCKETS, tag_keys=keys)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Sequences in one batched step",
+                                    boundaries=BATCH_BUCKETS, tag_keys=keys)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for admission", tag_keys=keys)
+        self.running = Gauge(PREFIX + "num_requests_running", "Requests being denoised", tag_keys=keys)
+
+    def request_finished(self, status: str, output=None) -> None:
+        """Count a request; `output` (the engine's RequestOutput) adds its timings and tokens."""
+        self.requests.inc(1, tags={**self.tags, "status": status})
+        if output is None:
+            return
+        self.latency.observe(output.latency_s, tags=self.tags)
+        if output.time_to_first_block_s is not None:
+            self.ttfb.observe(output.time_to_first_block_s, tags=self.tags)
+        if output.queue_s is not None:
+            self.queue.observe(output.queue_s, tags=self.tags)
+        self.generated.inc(output.usage.completion_tokens, tags=self.tags)
+        self.prompt.inc(output.usage.prompt_tokens, tags=self.tags)
+        self.denoising_steps.inc(output.usage.forward_passes, tags=self.tags)
+
+    def step_finished(self, batch_size: int, seconds: float, waiting: int, running: int) -> None:
+        self.forward_passes.inc(1, tags=self.tags)
+        self.step_latency.observe(seconds, tags=self.tags)
+        self.batch_size.observe(batch_size, tags=self.tags)
+        self.waiting.set(waiting, tags=self.tags)
+        self.running.set(running, tags=self.tags)
+
+
+class RouterMetrics:
+    """A/B assignments and fallbacks, counted by the router."""
+
+    def __init__(self):
+        self.assignments = Counter(PREFIX + "ab_assignments", "Requests assigned to a variant by the A/B router",
+                                   tag_keys=("variant",))
+        self.fallbacks = Counter(PREFIX + "ab_fallbacks", "Requests sent to another variant because theirs was down",
+                                 tag_keys=("variant",))
+        self.shadow = Counter(PREFIX + "ab_shadow_requests", "Shadow copies sent to a variant", tag_keys=("variant",))

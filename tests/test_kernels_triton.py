@@ -1,0 +1,92 @@
+"""Our Triton 2:4 kernel against the dense reference; on CPU through the Triton interpreter.
+
+bf16 `tl.dot` is wrong in the interpreter, so there the kernel casts bf16 tiles to
+fp32 before the dot (loads, metadata decoding, masks and the bf16 output still run);
+on a GPU the same tests run the native bf16 dot.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel module
+
+from kernels import formats  # noqa: E402
+from kernels.sparse24 import Sparse24Linear  # noqa: E402
+from kernels.testing import random_24_weight  # noqa: E402
+from kernels.triton_sparse24 import Tiles, sparse24_matmul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5}
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ weight.double().T
+    return y if bias is None else y + bias.double()
+
+
+def case(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    weight = random_24_weight(n, k, dtype, DEVICE, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=generator).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(n, generator=generator).to(dtype=dtype, device=DEVICE) if bias else None
+    return x, weight, b
+
+
+def assert_matches(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    expected = reference(x, weight, bias)
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    assert expected.abs().max() > 0.5  # the comparison below is not vacuous
+    torch.testing.assert_close(y.double(), expected, atol=TOLERANCE[x.dtype], rtol=TOLERANCE[x.dtype])
+
+
+SHAPES = [  # (M, N, K); the interpreter's tiles are 32 x 64 x 64
+    (1, 64, 64),      # M = 1
+    (33, 40, 72),     # M, N and K all ragged against the tiles
+    (5, 1, 4),        # minimum N and K (one group of 4)
+    (16, 8, 12),      # odd number of groups: the last metadata byte is half used
+    (70, 130, 136),   # several tiles along every dimension
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_kernel_equals_dense_reference(m, n, k, dtype):
+    x, weight, bias = case(m, n, k, dtype, bias=(m % 2 == 1), seed=m + n + k)
+    values, meta = formats.pack(weight)
+    assert_matches(sparse24_matmul(x, values, meta, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_k_sums_the_partials_once(split_k, bias):
+    x, weight, b = case(7, 48, 192, torch.float16, bias)
+    values, meta = formats.pack(weight)
+    assert_matches(sparse24_matmul(x, values, meta, b, tiles=Tiles(16, 32, 64, split_k)), x, weight, b)
+
+
+def test_kernel_refuses_inconsistent_inputs():
+    x, weight, bias = case(4, 16, 32, torch.float16, bias=True)
+    values, meta = formats.pack(weight)
+    with pytest.raises(ValueError, match="32 columns"):
+        sparse24_matmul(x[:, :16], values, meta)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sparse24_matmul(x.float(), values, meta)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sparse24_matmul(x.double(), values.double(), meta)
+    with pytest.raises(ValueError, match="meta must be uint8"):
+        sparse24_matmul(x, values, meta.to(torch.int16))
+    with pytest.raises(ValueError, match="bias must be"):
+        sparse24_matmul(x, values, meta, bias[:8])
+
+
+def test_sparse24_linear_triton_backend_equals_dense_backend():
+    weight = random_24_weight(40, 72, torch.float16, DEVICE, seed=9)
+    bias = torch.randn(40).to(dtype=torch.float16, device=DEVICE)
+    x = torch.randn(2, 3, 72).to(dtype=torch.float16, device=DEVICE)
+    triton_layer = Sparse24Linear.from_dense(weight, bias, backend="triton")
+    assert triton_layer.plan.backends == ("triton",)
+    assert_matches(triton_layer(x).reshape(6, 40), x.reshape(6, 72), weight, bias)
