@@ -1,9 +1,7 @@
-"""`sinkprune prune`: prune a model's linear layers and save the result."""
+"""`sinkprune prune`: prune a model and write the artifact that `serve` loads."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from sinkprune.prune import METHODS
 from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
@@ -21,16 +19,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=5, help="... for i = 0, every, 2 * every, ...")
     p.add_argument("--k", type=float, default=DEFAULT_K, help="sink threshold in standard deviations")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="sink sigmoid sharpness")
+    p.add_argument("--eval-windows", type=int, default=32, help="quality check at prune time (0: skip)")
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written weights (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from sinkprune.artifact import write_artifact
     from sinkprune.calibration import default_timesteps
     from sinkprune.cli import UsageError
-    from sinkprune.dlm.loading import ModelLoadError, load_model, save_model
-    from sinkprune.evaluate import text_windows
+    from sinkprune.dlm.loading import ModelLoadError, load_model
+    from sinkprune.evaluate import compare_models, text_windows
     from sinkprune.masks import parse_pattern
     from sinkprune.prune import PruneSettings, prune_model
 
@@ -44,11 +51,18 @@ def run(args: argparse.Namespace) -> int:
     settings = PruneSettings(args.method, args.pattern, default_timesteps(args.diffusion_steps, args.every),
                              args.seed, args.k, args.alpha)
     windows = text_windows(tokenizer, "calibration", args.calibration_windows, args.seq_len)
+    dense = copy.deepcopy(model) if args.eval_windows else None
     sparsity = prune_model(model, settings, windows, progress=True)
-    out = save_model(model, args.out_dir, tokenizer=tokenizer)
     manifest = {"base_model": str(args.model), **settings.to_dict(),
                 "sparsity": sum(sparsity.values()) / len(sparsity), "per_layer_sparsity": sparsity,
-                "calibration": {"windows": len(windows), "seq_len": args.seq_len}}
-    (Path(out) / "sinkprune.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                "calibration": {"windows": len(windows), "seq_len": args.seq_len, "split": "calibration"}}
+    if dense is not None:
+        eval_windows = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len)
+        manifest["quality"] = compare_models({"dense": dense, "pruned": model}, eval_windows, args.eval_samples)
+    out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
+    if dense is not None:
+        delta = manifest["quality"]["pruned"]["vs_dense"]
+        print(f"quality: NLL {manifest['quality']['pruned']['nll']:.4f} vs dense {manifest['quality']['dense']['nll']:.4f}"
+              f" ({delta['delta_nll']:+.4f} ± {delta['delta_nll_stderr']:.4f}, paired)")
     return 0

@@ -4,7 +4,10 @@ Semantics follow LLaDA's `generate.py` (and Dream's rules for Dream's policies):
 the answer starts as `gen_length` masks, is decoded block by block, every step is
 a full forward pass over the whole sequence, committed tokens are never masked
 again. Prompts of different lengths are left-padded and masked out, so a row
-decodes exactly as it would alone.
+decodes exactly as it would alone. With `prefix_cache`, Fast-dLLM's PrefixCache:
+only a block's first step is a full pass; later steps of the block recompute the
+block and what follows, attending to the keys/values kept from that first pass.
+The step itself (`denoise_step`) is shared with the serving engine.
 """
 from __future__ import annotations
 
@@ -64,6 +67,49 @@ def model_logits(model: DiffusionLM, x: torch.Tensor, attention_mask, prompt_mas
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
+@dataclass(frozen=True)
+class DenoiseParams:
+    """How a request commits tokens at every step (fixed for the whole request)."""
+
+    remasking: str
+    temperature: float
+    threshold: float | None
+    steps_per_block: int
+    mask_id: int
+
+
+def denoise_step(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    offset: int,
+    start: int,
+    end: int,
+    schedule: torch.Tensor,
+    step: int,
+    params: DenoiseParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Step `step` of block [start, end) of `x`: returns `x` with the policy's commits.
+    `logits` cover positions `offset`.. of `x` (a prefix-cached pass computes only those);
+    `schedule` is the block's LLaDA schedule (see `llada_transfer_counts`)."""
+    view = x[:, offset:]
+    candidates = view == params.mask_id
+    candidates[:, :start - offset] = False
+    candidates[:, end - offset:] = False
+    counts, origin_prob = step_counts(params.remasking, schedule, candidates, step, params.steps_per_block)
+    commit, tokens = select(params.remasking, logits, candidates, counts, params.temperature, params.threshold,
+                            generator, origin_prob, params.mask_id)
+    view = torch.where(commit, tokens, view)
+    return torch.cat([x[:, :offset], view], dim=1) if offset else view
+
+
+def block_done(x: torch.Tensor, start: int, end: int, step: int, params: DenoiseParams) -> bool:
+    """Fixed steps: after `steps_per_block`. Threshold decoding: once no mask is left."""
+    if params.threshold is None:
+        return step >= params.steps_per_block
+    return not (x[:, start:end] == params.mask_id).any()
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
@@ -79,18 +125,22 @@ def generate(
     generator: torch.Generator | None = None,
     mask_id: int | None = None,
     pad_id: int | None = None,
+    prefix_cache: bool = False,
 ) -> Generation:
     """Decode `gen_length` tokens after each prompt.
 
     `remasking`: LLaDA's `low_confidence` / `random`, or Dream's `maskgit_plus`,
     `topk_margin`, `entropy`, `origin` (which also use Dream's timestep schedule).
     `threshold`: Fast-dLLM parallel decoding; each block then runs until it has
-    no mask left, committing at least one token per step.
+    no mask left, committing at least one token per step. `prefix_cache`:
+    Fast-dLLM's PrefixCache (an approximation; see the module docstring).
     """
     if remasking not in POLICIES:
         raise ValueError(f"unknown remasking {remasking!r}; choose one of {', '.join(POLICIES)}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if prefix_cache and cfg_scale > 0:
+        raise ValueError("prefix_cache does not support classifier-free guidance (cfg_scale > 0)")
     steps_per_block = validate_schedule(steps, gen_length, block_length)
     config = model.config
     mask_id = config.mask_token_id if mask_id is None else mask_id
@@ -106,26 +156,36 @@ def generate(
         full_mask = torch.cat([attention_mask.to(device), torch.ones((batch, gen_length), dtype=torch.long, device=device)], 1)
     prompt_mask = torch.zeros_like(x, dtype=torch.bool)
     prompt_mask[:, :width] = True if attention_mask is None else attention_mask.bool()
+    params = DenoiseParams(remasking, temperature, threshold, steps_per_block, mask_id)
+    shifted = prefix_cache and model.shift_logits
     passes = 0
     for block in range(gen_length // block_length):
         start, end = width + block * block_length, width + (block + 1) * block_length
-        in_block = torch.zeros_like(x, dtype=torch.bool)
-        in_block[:, start:end] = True
         schedule = llada_transfer_counts((x[:, start:end] == mask_id).sum(-1), steps_per_block)
-        step = 0
-        while (x[:, start:end] == mask_id).any() if threshold is not None else step < steps_per_block:
-            candidates = (x == mask_id) & in_block
-            logits = model_logits(model, x, full_mask, prompt_mask, mask_id, cfg_scale)
+        cut = prefix_cut(start, shifted)
+        step, prefix = 0, None
+        while not block_done(x, start, end, step, params):
+            if prefix is not None:
+                tail_mask = None if full_mask is None else full_mask[:, cut:]
+                logits, offset = model(x[:, cut:], attention_mask=tail_mask, prefix=prefix).logits, cut
+            elif prefix_cache:
+                out = model(x, attention_mask=full_mask, return_kv=True)
+                logits, offset, prefix = out.logits, 0, out.kv.crop(slice(None), 0, cut)
+            else:
+                logits, offset = model_logits(model, x, full_mask, prompt_mask, mask_id, cfg_scale), 0
             passes += 1
-            counts, origin_prob = _step_counts(remasking, schedule, candidates, step, steps_per_block)
-            commit, tokens = select(remasking, logits, candidates, counts, temperature, threshold, generator,
-                                   origin_prob, mask_id)
-            x = torch.where(commit, tokens, x)
+            x = denoise_step(x, logits, offset, start, end, schedule, step, params, generator)
             step += 1
     return Generation(x, width, passes)
 
 
-def _step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int, steps: int):
+def prefix_cut(block_start: int, shift_logits: bool) -> int:
+    """Where a prefix-cached pass begins: at the block, or one position earlier for a
+    shifted model (Dream), whose first block position is predicted by the one before."""
+    return max(block_start - int(shift_logits), 0)
+
+
+def step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int, steps: int):
     """How many to commit this step: LLaDA's precomputed even schedule, or Dream's
     rule from the masks still left (and, for `origin`, the per-token probability)."""
     if remasking not in DREAM_POLICIES:

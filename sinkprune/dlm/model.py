@@ -8,16 +8,65 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, make_attention_inputs
+from sinkprune.dlm.layers import AttentionInputs, KVSlot, LayerKV, make_attention_inputs
+
+
+@dataclass
+class KVCache:
+    """Every layer's keys/values of a run of positions, and which of them are real
+    (False: left padding). A prefix-cached pass attends to these instead of
+    recomputing the positions they came from (Fast-dLLM's PrefixCache)."""
+
+    layers: list[LayerKV]
+    mask: torch.Tensor  # (batch, positions) bool
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def crop(self, rows: slice, start: int, end: int) -> KVCache:
+        """Positions [start, end) of some rows, copied so that the batch can be freed."""
+        return KVCache([LayerKV(kv.keys[rows, :, start:end].clone(), kv.values[rows, :, start:end].clone())
+                        for kv in self.layers], self.mask[rows, start:end].clone())
+
+    @staticmethod
+    def left_pad(caches: list[KVCache | None]) -> KVCache:
+        """Stack one-row caches into a batch, left-padded to the longest (None: empty)."""
+        if len(caches) == 1 and caches[0] is not None:
+            return caches[0]
+        width = max(c.length for c in caches if c is not None)
+        num_layers = len(next(c for c in caches if c is not None).layers)
+
+        def stack(part, dim: int) -> torch.Tensor:
+            return _left_pad_rows([None if c is None else part(c) for c in caches], width, dim)
+
+        layers = [LayerKV(stack(lambda c: c.layers[i].keys, 2), stack(lambda c: c.layers[i].values, 2))
+                  for i in range(num_layers)]
+        return KVCache(layers, stack(lambda c: c.mask, 1))
+
+
+def _left_pad_rows(rows: list[torch.Tensor | None], width: int, dim: int) -> torch.Tensor:
+    """Concatenate one-row tensors along the batch, zero-padded (False for masks) on
+    the left of their position dimension `dim` to `width` (None: all padding)."""
+    like = next(r for r in rows if r is not None)
+    padded = []
+    for row in rows:
+        row = like.narrow(dim, 0, 0) if row is None else row
+        shape = list(row.shape)
+        shape[dim] = width - shape[dim]
+        padded.append(torch.cat([row.new_zeros(shape), row], dim=dim))
+    return torch.cat(padded)
 
 
 @dataclass
 class DLMOutput:
     """`logits[b, i]` always predicts position i (Dream's shift is already applied).
-    `attention_mass` is one (batch, seq) tensor per layer when asked for, else None."""
+    `attention_mass` is one (batch, seq) tensor per layer when asked for, else None.
+    `kv` holds the keys/values of this pass's positions when asked for, else None."""
 
     logits: torch.Tensor
     attention_mass: list[torch.Tensor] | None = None
+    kv: KVCache | None = None
 
 
 class DiffusionLM(nn.Module):
@@ -42,12 +91,13 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         want_mass: bool = False,
         causal: bool = False,
+        prefix_mask: torch.Tensor | None = None,
     ) -> AttentionInputs:
         batch, seq = input_ids.shape
         param = self.embed_weight
         return make_attention_inputs(
             attention_mask, batch, seq, self.config.head_dim, self.config.rope_theta,
-            param.device, param.dtype, want_mass, causal,
+            param.device, param.dtype, want_mass, causal, prefix_mask,
         )
 
     @property
@@ -71,14 +121,36 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attention_mass: bool = False,
         causal: bool = False,
+        prefix: KVCache | None = None,
+        return_kv: bool = False,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
         makes a padded row give the same logits as that row alone. `causal=True`
-        is for analysis only (the AR-style comparison of attention sinks)."""
-        inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal)
+        is for analysis only (the AR-style comparison of attention sinks).
+
+        `prefix`: `input_ids` continue these cached positions, which are attended to
+        but not recomputed; the logits cover `input_ids` only. For a shifted model
+        (Dream) the first real position of the pass has no predecessor in it and
+        keeps its own logit, so callers start the pass one position early.
+        `return_kv` returns this pass's keys/values (to build such a prefix).
+        """
+        inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal,
+                                       None if prefix is None else prefix.mask)
+        slots = self._kv_slots(prefix, return_kv)
         hidden = self.embed(input_ids)
         masses = []
-        for block in self.blocks:
-            hidden, mass = block(hidden, inputs)
+        for block, slot in zip(self.blocks, slots):
+            hidden, mass = block(hidden, inputs, slot)
             masses.append(mass)
-        return DLMOutput(self.logits_from_hidden(hidden, attention_mask), masses if output_attention_mass else None)
+        kv = None
+        if return_kv:
+            real = inputs.query_mask if inputs.query_mask is not None else \
+                torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            kv = KVCache([slot.current for slot in slots], real)
+        return DLMOutput(self.logits_from_hidden(hidden, attention_mask), masses if output_attention_mass else None, kv)
+
+    def _kv_slots(self, prefix: KVCache | None, keep: bool) -> list[KVSlot | None]:
+        if prefix is None and not keep:
+            return [None] * len(self.blocks)
+        past = prefix.layers if prefix is not None else [None] * len(self.blocks)
+        return [KVSlot(layer, keep) for layer in past]

@@ -1,0 +1,123 @@
+"""Pruned artifacts: compressed-tensors layout, exact round trip, refusal of damage."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sinkprune.artifact import write_artifact
+from sinkprune.calibration import prunable_linears
+from sinkprune.dlm.artifact_io import MANIFEST, sha256_file
+from sinkprune.dlm.errors import ArtifactError
+from sinkprune.dlm.loading import load_model
+from sinkprune.prune import PruneSettings, prune_model
+from tests.conftest import random_model
+
+
+def _pruned(pattern: str, model_type: str = "llada"):
+    model = random_model(model_type, dtype=torch.float32)
+    windows = torch.randint(3, 90, (3, 16), generator=torch.Generator().manual_seed(0))
+    sparsity = prune_model(model, PruneSettings("wanda", pattern, [0.5]), windows)
+    return model, sparsity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_24_artifact_round_trips_bit_for_bit(tmp_path, model_type, dtype):
+    model, sparsity = _pruned("2:4", model_type)
+    out = write_artifact(model, tmp_path / "a", None, {"method": "wanda", "pattern": "2:4", "sparsity": 0.5}, dtype=dtype)
+    loaded, _ = load_model(out, with_tokenizer=False)
+    for (name, original), reloaded in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(original.to(dtype), reloaded), name
+    config = json.loads((out / "config.json").read_text())
+    sparsity_config = config["quantization_config"]["sparsity_config"]
+    assert sparsity_config["format"] == "sparse-24-bitmask" and sparsity_config["sparsity_structure"] == "2:4"
+    assert set(sparsity_config["targets"]) == set(prunable_linears(model))
+
+
+def test_bitmask_layout_is_the_compressed_tensors_one(tmp_path):
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    tensors = load_file(str(out / "model.safetensors"))
+    name = "model.transformer.blocks.0.q_proj.weight"
+    assert name not in tensors
+    dense = model.state_dict()[name]
+    bitmask = tensors[name + ".bitmask"]
+    expected = np.packbits((dense != 0).numpy(), axis=1, bitorder="little")
+    assert bitmask.dtype == torch.uint8 and np.array_equal(bitmask.numpy(), expected)
+    compressed = tensors[name + ".compressed"]
+    assert compressed.shape == (dense.shape[0], dense.shape[1] // 2)
+    assert torch.equal(compressed.flatten(), dense[dense != 0])  # kept values in row order
+    assert tensors[name + ".shape"].tolist() == list(dense.shape)
+
+
+def test_unstructured_artifact_keeps_dense_weights_with_its_manifest(tmp_path):
+    model, sparsity = _pruned("unstructured:0.5")
+    manifest = {"method": "wanda", "pattern": "unstructured:0.5", "per_layer_sparsity": sparsity}
+    out = write_artifact(model, tmp_path / "u", None, manifest)
+    loaded, _ = load_model(out, with_tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    written = json.loads((out / MANIFEST).read_text())
+    assert written["per_layer_sparsity"] == sparsity
+    assert set(written["files"]) == {"config.json", "model.safetensors"}
+
+
+def test_corrupted_or_truncated_files_are_refused(tmp_path):
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors does not match its sha256"):
+        load_model(out, with_tokenizer=False)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ArtifactError, match="model.safetensors"):
+        load_model(out, with_tokenizer=False)
+    weights.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_model(out, with_tokenizer=False)
+
+
+def test_a_mask_breaking_24_is_refused_naming_the_tensor(tmp_path):
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.transformer.blocks.1.ff_out.weight"
+    bitmask = tensors[name + ".bitmask"].clone()
+    bitmask[0, 0] = 0b00000111  # three kept weights in the first group of 4
+    tensors[name + ".bitmask"] = bitmask
+    save_file(tensors, str(weights))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["model.safetensors"] = sha256_file(weights)  # hashes fine: only the pattern is wrong
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"blocks\.1\.ff_out\.weight"):
+        load_model(out, with_tokenizer=False)
+
+
+def test_prune_command_writes_a_loadable_artifact_with_quality(tmp_path):
+    from sinkprune.cli import main
+    from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
+    from sinkprune.dlm import DLMConfig, build_model, save_model
+    from sinkprune.dlm.loading import load_tokenizer
+    from tests.conftest import tiny_hf_config
+
+    tokenizer = load_tokenizer(PACKAGE_TOKENIZER_DIR)
+    hf = tiny_hf_config("llada") | {"vocab_size": len(tokenizer), "embedding_size": len(tokenizer),
+                                    "mask_token_id": tokenizer.mask_token_id, "bos_token_id": 0}
+    save_model(build_model(DLMConfig.from_hf_config(hf)), tmp_path / "dense", tokenizer=tokenizer)
+    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "sink-wanda", "--pattern", "2:4",
+                 "--calibration-windows", "2", "--seq-len", "32", "--diffusion-steps", "4", "--every", "2",
+                 "--eval-windows", "2", "--eval-samples", "1", "--out-dir", str(tmp_path / "pruned")])
+    assert code == 0
+    manifest = json.loads((tmp_path / "pruned" / MANIFEST).read_text())
+    assert manifest["method"] == "sink-wanda" and manifest["timesteps"] == [1.0, 0.5]
+    assert "vs_dense" in manifest["quality"]["pruned"]
+    model, loaded_tokenizer = load_model(tmp_path / "pruned")
+    assert loaded_tokenizer is not None
+    for name, linear in prunable_linears(model).items():
+        assert ((linear.weight.reshape(linear.out_features, -1, 4) != 0).sum(-1) == 2).all(), name
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--pattern", "3:2", "--out-dir", str(tmp_path / "x")]) == 2
