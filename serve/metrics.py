@@ -51,9 +51,11 @@ class ReplicaMetrics:
             self.ttfb.observe(output.time_to_first_block_s, tags=self.tags)
         if output.queue_s is not None:
             self.queue.observe(output.queue_s, tags=self.tags)
-        self.generated.inc(output.usage.completion_tokens, tags=self.tags)
-        self.prompt.inc(output.usage.prompt_tokens, tags=self.tags)
-        self.denoising_steps.inc(output.usage.forward_passes, tags=self.tags)
+        for counter, value in ((self.generated, output.usage.completion_tokens),
+                               (self.prompt, output.usage.prompt_tokens),
+                               (self.denoising_steps, output.usage.forward_passes)):
+            if value > 0:  # Ray counters refuse zero increments
+                counter.inc(value, tags=self.tags)
 
     def step_finished(self, batch_size: int, seconds: float, waiting: int, running: int) -> None:
         self.forward_passes.inc(1, tags=self.tags)

@@ -96,7 +96,7 @@ def denoise_step(
     candidates = view == params.mask_id
     candidates[:, :start - offset] = False
     candidates[:, end - offset:] = False
-    counts, origin_prob = step_counts(params.remasking, schedule, candidates, step, params.steps_per_block)
+    counts, origin_prob = _step_counts(params.remasking, schedule, candidates, step, params.steps_per_block)
     commit, tokens = select(params.remasking, logits, candidates, counts, params.temperature, params.threshold,
                             generator, origin_prob, params.mask_id)
     view = torch.where(commit, tokens, view)
@@ -185,7 +185,7 @@ def prefix_cut(block_start: int, shift_logits: bool) -> int:
     return max(block_start - int(shift_logits), 0)
 
 
-def step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int, steps: int):
+def _step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int, steps: int):
     """How many to commit this step: LLaDA's precomputed even schedule, or Dream's
     rule from the masks still left (and, for `origin`, the per-token probability)."""
     if remasking not in DREAM_POLICIES:

@@ -149,7 +149,7 @@ def attention(
     keys/values with a prefix cache (see `KVSlot`).
     """
     batch, seq, _ = x.shape
-    head_dim = q_proj.weight.shape[0] // num_heads
+    head_dim = q_proj.out_features // num_heads  # any linear module, Sparse24Linear included
     q = q_proj(x).view(batch, seq, num_heads, head_dim).transpose(1, 2)
     k = k_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     v = v_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)

@@ -129,19 +129,20 @@ def load_model(
 def load_tokenizer(model_dir: str | Path):
     """The checkpoint's tokenizer through `transformers`, never executing remote code.
 
-    Dream ships a custom tokenizer class; when AutoTokenizer cannot build it
-    without `trust_remote_code`, its `tokenizer.json` is loaded directly.
+    A `tokenizer.json` is loaded directly as a fast tokenizer (with the special
+    tokens of `tokenizer_config.json`): that covers our models, LLaDA's, and
+    Dream's, whose custom tokenizer class AutoTokenizer cannot build without
+    `trust_remote_code`. Other layouts go through AutoTokenizer.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     model_dir = Path(model_dir)
     try:
+        if (model_dir / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ModelLoadError(f"no usable tokenizer in {model_dir}: {err}") from err
-        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+        raise ModelLoadError(f"no usable tokenizer in {model_dir}: {err}") from err
 
 
 def save_model(

@@ -1,0 +1,71 @@
+"""The Serve application: a dense and a pruned `ModelReplica` behind one `ABRouter`.
+
+    serve run serve.app:build_app model=embedded pruned=runs/pruned
+    serve run deploy/serve.yaml
+
+Arguments are typed (pydantic), so a typo in a config fails at start with the
+field named. Each variant's `ray_actor_options` ask for a GPU when its device is
+CUDA.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve import Application
+
+from serve.replica import ModelReplica
+from serve.router import ABRouter
+
+
+class VariantArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="'embedded', a local HF model directory, or a pruned artifact")
+    device: str = "cpu"
+    dtype: str | None = None
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0, description="Ray logical CPUs per replica (scheduling only)")
+    engine: dict = Field(default_factory=dict, description="EngineConfig fields (max_num_seqs, max_queue, ...)")
+    sparse_backend: str | None = Field(None, description="force a 2:4 backend (dense, triton, cusparselt, cutlass)")
+
+
+class AppArgs(BaseModel):
+    """`model` is the dense variant; `pruned` its artifact. More variants can be given in `variants`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field("embedded", description="dense variant's model (shorthand for variants.dense.model)")
+    pruned: str | None = Field(None, description="pruned variant's artifact (shorthand for variants.pruned.model)")
+    variants: dict[str, VariantArgs] = Field(default_factory=dict)
+    device: str = "cpu"
+    model_name: str = "sinkserve"
+    weights: dict[str, float] | None = None
+    sticky: bool = True
+    shadow: bool = False
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_queued_requests: int = Field(512, ge=1, description="router backlog before Serve answers 503")
+
+    @model_validator(mode="after")
+    def _fill_variants(self) -> "AppArgs":
+        if self.model and "dense" not in self.variants:
+            self.variants["dense"] = VariantArgs(model=self.model, device=self.device)
+        if self.pruned and "pruned" not in self.variants:
+            self.variants["pruned"] = VariantArgs(model=self.pruned, device=self.device)
+        if not self.variants:
+            raise ValueError("no variant configured: give model=... (and pruned=...) or variants")
+        return self
+
+
+def build_app(args: dict) -> Application:
+    config = AppArgs.model_validate(args)
+    handles = {}
+    for name, variant in config.variants.items():
+        gpus = 1 if variant.device.startswith("cuda") else 0
+        deployment = ModelReplica.options(
+            name=f"ModelReplica-{name}", num_replicas=variant.num_replicas,
+            ray_actor_options={"num_cpus": variant.num_cpus, "num_gpus": gpus})
+        handles[name] = deployment.bind(name, variant.model, variant.device, variant.dtype, variant.engine,
+                                        variant.sparse_backend)
+    routing = {"weights": config.weights, "sticky": config.sticky, "shadow": config.shadow}
+    router = ABRouter.options(max_queued_requests=config.max_queued_requests, user_config=routing,
+                              ray_actor_options={"num_cpus": 0})  # I/O-bound: never blocks a model replica
+    return router.bind(handles, config.model_name, routing, config.request_timeout_s)

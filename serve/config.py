@@ -1,0 +1,32 @@
+"""The engine's knobs, in one place so the scheduler and the engine read the same ones."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the step-level scheduler and engine-wide defaults.
+
+    - `max_num_seqs`: sequences running at once (slots), hence rows per forward pass.
+    - `max_tokens_per_step`: padded positions one forward pass may compute
+      (rows x longest row); also the longest prompt + max_tokens accepted.
+    - `max_queue`: requests waiting for a slot; beyond it `submit` refuses at once.
+    - `max_padding_ratio`: a pass only batches rows whose lengths differ by at most
+      this factor (prefix-cached rows are much shorter than full ones); others wait
+      for the next pass, oldest-served first.
+    - `prefix_cache`: default for requests that do not choose.
+    """
+
+    max_num_seqs: int = 8
+    max_tokens_per_step: int = 8192
+    max_queue: int = 64
+    max_padding_ratio: float = 2.0
+    prefix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_tokens_per_step", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_padding_ratio < 1:
+            raise ValueError(f"EngineConfig.max_padding_ratio must be >= 1, got {self.max_padding_ratio}")

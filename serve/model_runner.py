@@ -1,0 +1,57 @@
+"""One batched forward pass over a scheduled batch of sequences, then each sequence's step.
+
+Rows are left-padded with an attention mask (and prefix caches left-padded with
+a key mask), which the model guarantees gives every row the result it would get
+alone. Runs in the engine's worker thread, never on the event loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sinkprune.dlm.generate import left_pad
+from sinkprune.dlm.model import DiffusionLM, KVCache
+from serve.requests import StreamEvent
+from serve.sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    events: list[list[StreamEvent]]  # per sequence of the batch, in order
+    query_tokens: int  # positions computed, padding included (rows x longest row)
+    prefix_tokens: int  # cached positions attended to, padding included
+    cached_rows: int  # rows that ran against a prefix cache
+    started: float
+    finished: float  # after every sequence's step (events are stamped when the forward pass ended)
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionLM):
+        self.model = model
+        config = model.config
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else config.mask_token_id
+        self.device = model.embed_weight.device
+
+    @torch.no_grad()
+    def step(self, batch: list[Sequence]) -> StepResult:
+        started = time.perf_counter()
+        plans = [seq.plan() for seq in batch]
+        lengths = [len(plan.token_ids) for plan in plans]
+        ids, mask = left_pad([plan.token_ids for plan in plans], self.pad_id, self.device)
+        cached = [plan.prefix for plan in plans]
+        prefix = KVCache.left_pad(cached) if any(c is not None for c in cached) else None
+        out = self.model(ids, attention_mask=mask if len(set(lengths)) > 1 else None, prefix=prefix,
+                         return_kv=any(plan.keep is not None for plan in plans))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        computed = time.perf_counter()
+        width = ids.shape[1]
+        events = []
+        for row, (seq, plan) in enumerate(zip(batch, plans)):
+            pad = width - lengths[row]
+            kept = None if plan.keep is None else out.kv.crop(slice(row, row + 1), pad, pad + plan.keep)
+            events.append(seq.advance(plan, out.logits[row:row + 1, pad:], kept, computed))
+        return StepResult(events, ids.numel(), 0 if prefix is None else prefix.mask.numel(),
+                          sum(c is not None for c in cached), started, time.perf_counter())

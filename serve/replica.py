@@ -1,0 +1,117 @@
+"""`ModelReplica`: one variant (a model directory or a pruned artifact) behind one DLMEngine.
+
+2:4 artifacts get their linear layers swapped for `Sparse24Linear` (the kernel
+dispatch picks the backend for the device). Results cross the Ray boundary as
+plain dicts; refusals (bad input, overload) are returned as error events with
+the HTTP status the router should answer, never raised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import AsyncIterator
+
+from ray import serve
+
+from serve.config import EngineConfig
+from serve.engine import DLMEngine, StepStats
+from serve.metrics import ReplicaMetrics
+from serve.requests import FINISHED, EngineOverloaded, GenerationRequest, RequestError, RequestOutput
+
+log = logging.getLogger("ray.serve")
+
+
+def error_event(status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None) -> dict:
+    return {"type": "error", "status": status, "message": message, "kind": kind, "param": param,
+            "retry_after": retry_after}
+
+
+def output_dict(output: RequestOutput) -> dict:
+    data = dataclasses.asdict(output)
+    data.update(latency_s=output.latency_s, queue_s=output.queue_s,
+                time_to_first_block_s=output.time_to_first_block_s)
+    return data
+
+
+@serve.deployment(max_ongoing_requests=128, graceful_shutdown_timeout_s=5)
+class ModelReplica:
+    def __init__(self, variant: str, model: str, device: str = "cpu", dtype: str | None = None,
+                 engine: dict | None = None, sparse_backend: str | None = None):
+        import torch
+
+        from sinkprune.dlm.artifact_io import verify_manifest
+        from sinkprune.dlm.loading import load_model, resolve_model_dir
+
+        self.variant = variant
+        self.model_path = model
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        self.manifest = verify_manifest(resolve_model_dir(model)) or {}
+        self.swapped = self._swap_sparse(loaded, sparse_backend) if self._is_24(loaded) else []
+        self.engine = DLMEngine(loaded, tokenizer, EngineConfig(**(engine or {})))
+        self.metrics = ReplicaMetrics(variant)
+        self.engine.step_listeners.append(self._on_step)
+        log.info("variant %s: %s on %s, %d sparse layers", variant, model, device, len(self.swapped))
+
+    @staticmethod
+    def _is_24(model) -> bool:
+        from sinkprune.dlm.artifact_io import sparsity_format
+
+        return sparsity_format(model.config.hf_config) is not None
+
+    @staticmethod
+    def _swap_sparse(model, backend: str | None) -> list[str]:
+        from kernels.swap import swap_sparse_linears
+
+        return swap_sparse_linears(model, backend=backend)
+
+    def _on_step(self, stats: StepStats) -> None:
+        self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running)
+
+    async def stream(self, request: dict) -> AsyncIterator[dict]:
+        """Events of one request: `tokens` chunks, then `finished` with the output (or one `error`)."""
+        try:
+            events = self.engine.submit(GenerationRequest(**request))
+        except RequestError as err:
+            self.metrics.request_finished("invalid")
+            yield error_event(400, str(err), "invalid_request_error", err.field)
+            return
+        except EngineOverloaded as err:
+            self.metrics.request_finished("overloaded")
+            yield error_event(429, str(err), "overloaded", retry_after=err.retry_after)
+            return
+        try:
+            async for event in self._events(events):
+                yield event
+        except Exception as err:  # a bug must reach the client as a 500, not kill the stream silently
+            log.exception("variant %s: request failed", self.variant)
+            self.metrics.request_finished("error")
+            yield error_event(500, f"generation failed: {err!r}", "engine_error")
+
+    async def _events(self, events) -> AsyncIterator[dict]:
+        async for event in events:
+            if event.type == FINISHED:
+                output = event.output
+                status = {"error": "error", "cancelled": "cancelled"}.get(output.finish_reason, "ok")
+                self.metrics.request_finished(status, output)
+                if status == "error":
+                    yield error_event(500, f"generation failed: {output.error}", "engine_error")
+                else:
+                    yield {"type": FINISHED, "output": output_dict(output)}
+            elif event.text or event.token_ids:
+                yield {"type": event.type, "text": event.text, "token_ids": event.token_ids, "block": event.block}
+
+    async def generate(self, request: dict) -> dict:
+        """The last event of `stream`: the finished output or the error."""
+        last = None
+        async for event in self.stream(request):
+            last = event
+        return last
+
+    def info(self) -> dict:
+        return {"variant": self.variant, "model": self.model_path, "sparse_layers": len(self.swapped),
+                "manifest": {k: v for k, v in self.manifest.items() if k not in ("files", "per_layer_sparsity")},
+                "waiting": self.engine.num_waiting, "running": self.engine.num_running}
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead engine loop makes the replica unhealthy (and restarted)."""
+        self.engine.check_health()

@@ -1,0 +1,232 @@
+"""What callers hand the engine and what they get back: requests and their
+validation, the errors an HTTP layer maps to status codes, streamed events and
+the final output."""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
+from sinkprune.dlm.decoding import POLICIES
+from sinkprune.dlm.prompt import encode_prompt
+
+DEFAULT_REMASKING = {LLADA: "low_confidence", DREAM: "maskgit_plus"}
+MAX_STOP_STRINGS = 4
+MAX_SEED = 2**63 - 1
+
+# finish reasons (OpenAI's "stop" covers both EOS and stop strings)
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+# stream event types
+TOKENS, BLOCK, FINISHED = "tokens", "block", "finished"
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `field` names the offending parameter (HTTP 400/422)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class EngineOverloaded(RuntimeError):
+    """The admission queue is full; retry after `retry_after` seconds (HTTP 429 + Retry-After)."""
+
+    def __init__(self, retry_after: int, waiting: int):
+        super().__init__(f"engine overloaded: {waiting} requests already waiting; retry after {retry_after} s")
+        self.retry_after = retry_after
+        self.waiting = waiting
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (its forward pass raised)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to generate. `None` means: the default stated beside it."""
+
+    prompt: str | list[int]
+    max_tokens: int = 64  # tokens to generate (LLaDA's gen_length)
+    steps: int | None = None  # denoising steps over the whole answer; None: max_tokens (one token per step)
+    block_length: int | None = None  # None: max_tokens (a single block)
+    temperature: float = 0.0
+    remasking: str | None = None  # None: the model family's own (LLaDA low_confidence, Dream maskgit_plus)
+    threshold: float | None = None  # Fast-dLLM parallel decoding: commit every position at least this confident
+    seed: int | None = None  # None: a random seed (reported in the output)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    prefix_cache: bool | None = None  # None: the engine's default
+    request_id: str | None = None  # None: a random id
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with every default resolved and the prompt tokenised."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    steps: int
+    block_length: int
+    temperature: float
+    remasking: str
+    threshold: float | None
+    seed: int
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    prefix_cache: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + self.max_tokens
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise RequestError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _prompt_ids(prompt, tokenizer, config: DLMConfig) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestError("prompt", "this engine has no tokenizer: give the prompt as token ids")
+        ids = encode_prompt(tokenizer, prompt, config)
+    elif isinstance(prompt, (list, tuple)):
+        ids = [_integer("prompt", token, 0) for token in prompt]
+        if any(token >= config.vocab_size for token in ids):
+            raise RequestError("prompt", f"token ids must be below the vocabulary size {config.vocab_size}")
+    else:
+        raise RequestError("prompt", f"must be text or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise RequestError("prompt", "must not be empty")
+    return ids
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    strings = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+        raise RequestError("stop", "must be a non-empty string or a list of them")
+    if len(strings) > MAX_STOP_STRINGS:
+        raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    return tuple(strings)
+
+
+def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length: int,
+            prefix_cache_default: bool) -> PreparedRequest:
+    """Validate `request` and resolve its defaults; raises `RequestError` naming the field.
+
+    `max_length` bounds prompt + max_tokens (what one sequence may occupy in a step).
+    Beyond generate()'s own rules, `steps` may not exceed `max_tokens`: extra steps
+    would commit nothing and only cost forward passes.
+    """
+    prompt_ids = _prompt_ids(request.prompt, tokenizer, config)
+    max_tokens = _integer("max_tokens", request.max_tokens, 1)
+    if len(prompt_ids) + max_tokens > max_length:
+        raise RequestError("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                         f"the {max_length} tokens one sequence may have")
+    block_length = _integer("block_length", max_tokens if request.block_length is None else request.block_length, 1)
+    if max_tokens % block_length:
+        raise RequestError("block_length", f"must divide max_tokens {max_tokens}, got {block_length}")
+    steps = _integer("steps", max_tokens if request.steps is None else request.steps, 1)
+    blocks = max_tokens // block_length
+    if steps % blocks or steps > max_tokens:
+        raise RequestError("steps", f"must be a multiple of the number of blocks ({blocks}) and at most "
+                                    f"max_tokens ({max_tokens}), got {steps}")
+    temperature = request.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise RequestError("temperature", f"must be a finite number >= 0, got {temperature!r}")
+    remasking = DEFAULT_REMASKING[config.model_type] if request.remasking is None else request.remasking
+    if remasking not in POLICIES:
+        raise RequestError("remasking", f"unknown policy {remasking!r}; choose one of {', '.join(POLICIES)}")
+    threshold = request.threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold <= 1):
+        raise RequestError("threshold", f"must be in (0, 1], got {threshold!r}")
+    seed = secrets.randbits(63) if request.seed is None else _integer("seed", request.seed, 0)
+    if seed > MAX_SEED:
+        raise RequestError("seed", f"must be below 2**63, got {seed}")
+    for name in ("ignore_eos", "prefix_cache"):
+        value = getattr(request, name)
+        if not isinstance(value, bool) and not (name == "prefix_cache" and value is None):
+            raise RequestError(name, f"must be true or false, got {value!r}")
+    request_id = request.request_id if request.request_id is not None else secrets.token_hex(8)
+    if not isinstance(request_id, str) or not request_id:
+        raise RequestError("request_id", "must be a non-empty string")
+    return PreparedRequest(
+        request_id=request_id, prompt_ids=prompt_ids, max_tokens=max_tokens, steps=steps,
+        block_length=block_length, temperature=float(temperature), remasking=remasking,
+        threshold=None if threshold is None else float(threshold), seed=seed, stop=_stop_strings(request.stop),
+        ignore_eos=request.ignore_eos,
+        prefix_cache=prefix_cache_default if request.prefix_cache is None else request.prefix_cache,
+    )
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    forward_passes: int  # denoising steps this request ran: one row in one batched forward pass each
+    computed_tokens: int  # positions the model computed for it over those passes (the prefix cache lowers it)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestOutput:
+    """The whole result. Times are `time.perf_counter()` seconds (None: never happened)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    usage: Usage
+    seed: int
+    arrival_time: float
+    scheduled_time: float | None
+    first_token_time: float | None
+    first_block_time: float | None
+    finished_time: float
+    error: str | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_time - self.arrival_time
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_to_first_block_s(self) -> float | None:
+        return None if self.first_block_time is None else self.first_block_time - self.arrival_time
+
+
+@dataclass
+class StreamEvent:
+    """One event of a request's stream.
+
+    `tokens`: `token_ids` newly committed right after what was streamed before (a
+    DLM commits anywhere in its block; only the contiguous committed prefix is
+    streamed, so text can be appended) and the `text` they add; `block` is the
+    block of the last of them. `block`: block `block` is fully committed.
+    `finished`: the last event, with `output`.
+    """
+
+    type: str
+    request_id: str
+    time: float
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    block: int | None = None
+    output: RequestOutput | None = None

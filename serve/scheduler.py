@@ -1,0 +1,82 @@
+"""Step-level scheduling: who waits, who runs, and which rows share the next forward pass.
+
+Pure bookkeeping (no tensors, no model), called only from the engine's event
+loop. Admission is first come, first served: a waiting request takes a free slot
+when the running rows plus it still fit the token budget; the head of the queue
+is never overtaken, so long requests cannot starve. Every iteration then picks
+one batch from the running sequences, least recently served first, adding rows
+while the batch stays within `max_num_seqs`, `max_tokens_per_step` (rows x
+longest row) and `max_padding_ratio`; a row left out goes first next time.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from serve.config import EngineConfig
+from serve.requests import EngineOverloaded
+from serve.sequence import Sequence
+
+RETRY_AFTER_BOUNDS = (1, 60)
+SERVICE_EMA_WEIGHT = 0.2
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.iteration = 0
+        self._service_s: float | None = None  # moving average of scheduled-to-finished time
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request, or refuse it at once when the queue is full."""
+        if len(self.waiting) >= self.config.max_queue:
+            raise EngineOverloaded(self.retry_after(), len(self.waiting))
+        self.waiting.append(seq)
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free for one more request: the recent
+        service time, scaled by how many queue ahead per slot."""
+        if self._service_s is None:
+            return RETRY_AFTER_BOUNDS[0]
+        wait = self._service_s * (len(self.waiting) + 1) / self.config.max_num_seqs
+        return int(min(max(math.ceil(wait), RETRY_AFTER_BOUNDS[0]), RETRY_AFTER_BOUNDS[1]))
+
+    def remove(self, seq: Sequence, now: float) -> None:
+        """Take a finished (or cancelled) sequence out, freeing its slot."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            return
+        self.running.remove(seq)
+        if seq.scheduled_time is not None:
+            service = now - seq.scheduled_time
+            self._service_s = service if self._service_s is None else \
+                (1 - SERVICE_EMA_WEIGHT) * self._service_s + SERVICE_EMA_WEIGHT * service
+
+    def schedule(self, now: float) -> list[Sequence]:
+        """Admit what fits, then return this iteration's batch (empty: nothing to do)."""
+        self._admit(now)
+        batch: list[Sequence] = []
+        for seq in sorted(self.running, key=lambda s: s.last_scheduled):  # stable: arrival order breaks ties
+            if self._fits([s.query_length for s in batch] + [seq.query_length], padding=True):
+                batch.append(seq)
+        if batch:
+            for seq in batch:
+                seq.last_scheduled = self.iteration
+            self.iteration += 1
+        return batch
+
+    def _admit(self, now: float) -> None:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            head = self.waiting[0]
+            if self.running and not self._fits([s.length for s in self.running] + [head.length], padding=False):
+                break
+            self.running.append(self.waiting.popleft())
+            head.scheduled_time = now
+
+    def _fits(self, lengths: list[int], padding: bool) -> bool:
+        longest = max(lengths)
+        if len(lengths) > self.config.max_num_seqs or len(lengths) * longest > self.config.max_tokens_per_step:
+            return False
+        return not padding or longest <= self.config.max_padding_ratio * min(lengths)
