@@ -73,10 +73,24 @@ async def _validation_error(_request: Request, err: RequestValidationError) -> J
     return HTTPError(400, message, "invalid_request_error", param).response()
 
 
+# Module-level helpers stay above the deployment class: Serve pickles the ingress class
+# with the globals it sees at decoration time.
 def _request_to_engine(body: CompletionRequest | GenerateRequest) -> dict:
     fields = ("prompt", "max_tokens", "temperature", "seed", "stop", "steps", "block_length", "remasking",
               "threshold", "prefix_cache")
     return {name: getattr(body, name) for name in fields}
+
+
+async def _prepend(first: dict, events):
+    yield first
+    async for event in events:
+        yield event
+
+
+def _usage(output: dict) -> Usage:
+    usage = output["usage"]
+    return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                 total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
 
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
@@ -185,9 +199,10 @@ class ABRouter:
         headers = {VARIANT_HEADER: variant}
         if body.stream:
             return StreamingResponse(self._sse(body, first, events), media_type="text/event-stream", headers=headers)
-        output = await self._last(first, events)
-        if "error" in output:
-            return HTTPError(500, output["error"], "engine_error").response(variant)
+        try:
+            output = await self._last(first, events)
+        except HTTPError as err:
+            return err.response(variant)
         response = CompletionResponse(model=body.model, choices=[CompletionChoice(
             text=output["text"], finish_reason=output["finish_reason"])], usage=_usage(output))
         return JSONResponse(response.model_dump(), headers=headers)
@@ -204,9 +219,10 @@ class ABRouter:
             return err.response(variant)
         except asyncio.TimeoutError:
             return HTTPError(504, f"variant {variant} did not answer", "timeout", retry_after=5).response(variant)
-        output = await self._last(first, events)
-        if "error" in output:
-            return HTTPError(500, output["error"], "engine_error").response(variant)
+        try:
+            output = await self._last(first, events)
+        except HTTPError as err:
+            return err.response(variant)
         response = GenerateResponse(
             id=output["request_id"], model=body.model or self.model_name, variant=variant, text=output["text"],
             token_ids=output["token_ids"], finish_reason=output["finish_reason"], usage=_usage(output),
@@ -236,12 +252,14 @@ class ABRouter:
 
     @staticmethod
     async def _last(first: dict, events) -> dict:
+        """The finished output; a stream that ends otherwise becomes an HTTPError."""
         last = first
         async for event in events:
             last = event
-        if last["type"] == "finished":
-            return last["output"]
-        return {"error": last.get("message", "the variant stopped answering")}
+        if last["type"] != "finished":
+            status = 503 if last["type"] == "unavailable" else last.get("status", 500)
+            raise HTTPError(status, last.get("message") or "the variant stopped answering", last.get("kind", "error"))
+        return last["output"]
 
     async def _sse(self, body: CompletionRequest, first: dict, events):
         """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE]."""
@@ -264,15 +282,3 @@ class ABRouter:
             elif event.get("text"):
                 yield chunk(event["text"])
         yield "data: [DONE]\n\n"
-
-
-async def _prepend(first: dict, events):
-    yield first
-    async for event in events:
-        yield event
-
-
-def _usage(output: dict) -> Usage:
-    usage = output["usage"]
-    return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-                 total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])

@@ -1,0 +1,84 @@
+"""Helpers for the end-to-end tests: model fixtures on disk and a real Prometheus server."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from serve.local import free_port
+
+
+def make_dense_and_pruned(root: Path) -> tuple[str, str]:
+    """The embedded model and a 2:4 artifact of it (magnitude: no calibration, quick)."""
+    from sinkprune.artifact import write_artifact
+    from sinkprune.dlm.loading import load_model
+    from sinkprune.prune import PruneSettings, prune_model
+
+    model, tokenizer = load_model("embedded")
+    prune_model(model, PruneSettings("magnitude", "2:4"))
+    pruned = write_artifact(model, root / "pruned", tokenizer, {"method": "magnitude", "pattern": "2:4"})
+    return "embedded", str(pruned)
+
+
+@contextmanager
+def prometheus(scrape_url: str, workdir: Path, interval_s: float = 1.0):
+    """A real Prometheus (the Debian package) on 127.0.0.1 scraping `scrape_url`; yields a query function."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (scripts/setup.sh installs the Debian package)")
+    target = urllib.parse.urlparse(scrape_url)
+    config = workdir / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is valid YAML
+        "global": {"scrape_interval": f"{int(interval_s * 1000)}ms", "evaluation_interval": f"{int(interval_s * 1000)}ms"},
+        "scrape_configs": [{"job_name": "sinkserve", "metrics_path": target.path,
+                            "static_configs": [{"targets": [target.netloc]}]}]}))
+    port = free_port()
+    process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                                f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: process.poll() is not None or urllib.request.urlopen(base + "/-/ready", timeout=2).status == 200,
+              60, "prometheus ready")
+        if process.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {process.returncode} (bad config {config}?)")
+
+        def query(promql: str) -> dict[str, float]:
+            url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+            with urllib.request.urlopen(url, timeout=10) as response:
+                data = json.loads(response.read())
+            return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in data["data"]["result"]}
+
+        yield query
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def wait_until(check, timeout_s: float, what: str):
+    """Poll `check()` until it returns a truthy value; returns it."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(1.0)
+    raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")

@@ -1,0 +1,157 @@
+"""End to end: Ray Serve on this CPU with the embedded model as `dense` and a 2:4
+artifact of it as `pruned`, real HTTP, the official OpenAI client, and a real
+Prometheus server scraping the app's metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import make_dense_and_pruned, prometheus, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+SMALL = {"max_tokens": 4, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from serve.local import local_app
+
+    root = tmp_path_factory.mktemp("serve")
+    dense, pruned = make_dense_and_pruned(root)
+    with local_app({"model": dense, "pruned": pruned}, temp_dir=str(root / "ray")) as (base_url, metrics_url):
+        with prometheus(metrics_url, root) as query:
+            yield base_url, query
+
+
+def post(base_url: str, body: dict | bytes, headers: dict | None = None, path: str = "/v1/completions"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.headers.get("x-dlm-variant"), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("x-dlm-variant"), err.read().decode()
+
+
+def test_split_is_balanced_sticky_and_counted_by_prometheus(app):
+    base_url, query = app
+    promql = 'sum by (variant) (ray_sinkserve_requests_total{status="ok"})'
+
+    def counts():
+        return {json.loads(k).get("variant"): v for k, v in query(promql).items()}
+
+    before = counts()
+    users = [f"user-{i}" for i in range(200)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda u: post(base_url, {"model": "sinkserve", "prompt": "The table", "user": u,
+                                                          **SMALL}), users))
+    assert all(status == 200 for status, _, _ in results)
+    assignment = {u: served for u, (_, served, _) in zip(users, results)}
+    share = Counter(assignment.values())["pruned"] / 200
+    assert 0.5 - 4 * (0.25 / 200) ** 0.5 < share < 0.5 + 4 * (0.25 / 200) ** 0.5  # within 4 sigma
+    for user in users[:30]:  # the same user always gets the same variant (by body field or header)
+        assert post(base_url, {"model": "sinkserve", "prompt": "Again", "user": user, **SMALL})[1] == assignment[user]
+        assert post(base_url, {"model": "sinkserve", "prompt": "Again", **SMALL}, {"x-user-id": user})[1] == assignment[user]
+    sent = Counter(assignment.values()) + Counter(assignment[u] for u in users[:30] for _ in range(2))
+    expected = {v: before.get(v, 0) + sent[v] for v in ("dense", "pruned")}
+    wait_until(lambda: counts() == expected, 120, f"prometheus counts {expected}, last {counts()}")
+
+
+def test_openai_client_completes_and_streams(app):
+    import openai
+
+    base_url, _ = app
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data][0] == "sinkserve"
+    completion = client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
+                                           extra_body={"steps": 8})
+    assert completion.usage.completion_tokens <= 8 and completion.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert text.strip() or chunks[-1].usage.completion_tokens >= 1
+
+
+def test_forced_variant_is_served_by_that_variant(app):
+    base_url, _ = app
+    for variant in ("dense", "pruned", "pruned", "dense"):
+        status, served, body = post(base_url, {"model": "sinkserve", "prompt": "SELECT", **SMALL},
+                                    {"x-dlm-variant": variant})
+        assert status == 200 and served == variant, body
+    status, served, _ = post(base_url, {"model": "sinkserve:pruned", "prompt": "SELECT", **SMALL})
+    assert (status, served) == (200, "pruned")
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ({"model": "sinkserve"}, "prompt"),
+    ({"model": "sinkserve", "prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ({"model": "sinkserve", "prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+    ({"model": "sinkserve", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": "sinkserve", "prompt": "x", "remasking": "nope"}, "remasking"),
+    ({"model": "sinkserve", "prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"model": "sinkserve", "prompt": "x", "n": 2}, "n"),
+    ({"model": "sinkserve", "prompt": ""}, "prompt"),
+    ({"model": "sinkserve", "prompt": "x", "max_tokens": 8, "block_length": 3}, "block_length"),
+    ({"model": "sinkserve", "prompt": "x", "max_tokens": 8, "steps": 3, "block_length": 4}, "steps"),
+    ({"model": "/etc/passwd", "prompt": "x"}, "model"),
+])
+def test_malformed_requests_get_4xx_naming_the_field(app, body, param):
+    base_url, _ = app
+    status, _, text = post(base_url, body)
+    assert 400 <= status < 500, text
+    error = json.loads(text)["error"]
+    if param:
+        assert error["param"] == param or param in error["message"], error
+
+
+def test_unknown_variant_header_is_a_400(app):
+    status, _, text = post(app[0], {"model": "sinkserve", "prompt": "x", **SMALL}, {"x-dlm-variant": "sparse"})
+    assert status == 400 and "unknown variant" in text
+
+
+def replica_pids(deployment: str) -> list[int]:
+    """PIDs of a deployment's replica processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and f"ServeReplica:sinkserve:{deployment}" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killing_the_pruned_replica_fails_over_and_it_comes_back(app):
+    import ray
+
+    base_url, _ = app
+    pruned = replica_pids("ModelReplica-pruned")
+    assert len(pruned) == 1
+    users = [f"load-{i}" for i in range(60)]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, base_url, {"model": "sinkserve", "prompt": "Load", "user": u, **SMALL})
+                   for u in users]
+        os.kill(pruned[0], signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]  # no hang
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 500, 503, 504}, statuses
+    assert statuses[200] >= 30  # dense kept serving, and took the pruned users it could
+    # Serve restarts the replica; afterwards pruned serves again
+    wait_until(lambda: post(base_url, {"model": "sinkserve", "prompt": "x", **SMALL}, {"x-dlm-variant": "pruned"})[0]
+               == 200, 300, "the pruned replica to come back")
+    with urllib.request.urlopen(base_url + "/healthz", timeout=30) as response:
+        health = json.loads(response.read())
+    assert health["variants"]["pruned"]["status"] == "up" and health["variants"]["dense"]["status"] == "up"
+    assert ray.is_initialized()
+    assert replica_pids("ModelReplica-pruned") and replica_pids("ModelReplica-pruned") != pruned
