@@ -1,0 +1,168 @@
+"""The A/B report: dense against pruned from one load-test run, side by side.
+
+Capacity (throughput, latency, cost per million output tokens) comes from the
+phases that forced each variant at the same concurrency; the routed phase shows
+the A/B split; the server's own counts (Prometheus exposition scraped before and
+after) are checked against the client's; quality comes from the artifact's
+manifest (paired NLL measured at prune time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REQUESTS_METRIC = "ray_sinkserve_requests"
+
+
+def server_counts(exposition: str) -> dict[str, dict[str, float]]:
+    """`{variant: {status: count}}` from a Prometheus text exposition of the app."""
+    counts: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name != REQUESTS_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                by_status = counts.setdefault(sample.labels.get("variant", "?"), {})
+                status = sample.labels.get("status", "?")
+                by_status[status] = by_status.get(status, 0.0) + sample.value
+    return counts
+
+
+def count_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    return {v: {s: n - before.get(v, {}).get(s, 0.0) for s, n in statuses.items()} for v, statuses in after.items()}
+
+
+def cost_per_million(tokens_per_s: float, price_per_hour: float) -> float | None:
+    return price_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else None
+
+
+def build_report(phases: list[dict], manifest: dict | None, server: dict | None, price_per_hour: float,
+                 price_unit: str) -> dict:
+    """`phases`: loadtest summaries tagged with `variant_forced` (dense / pruned / None for routed)."""
+    capacity = {}
+    for phase in phases:
+        if phase.get("variant_forced"):
+            for point in phase["phases"]:
+                s = point["summary"]["all"]
+                capacity.setdefault(phase["variant_forced"], []).append({
+                    "concurrency": point["concurrency"], "request_throughput": s["request_throughput"],
+                    "output_throughput": s["output_throughput"], "p50_e2el_ms": s["p50_e2el_ms"],
+                    "p90_e2el_ms": s["p90_e2el_ms"], "p99_e2el_ms": s["p99_e2el_ms"],
+                    "p50_ttft_ms": s["p50_ttft_ms"], "completed": s["completed"], "failed": s["failed"],
+                    "cost_per_million_output_tokens": cost_per_million(s["output_throughput"], price_per_hour)})
+    best = {v: max(points, key=lambda p: p["output_throughput"]) for v, points in capacity.items()}
+    routed = next((p for p in phases if not p.get("variant_forced")), None)
+    client = {}
+    for phase in phases:
+        for point in phase["phases"]:
+            for variant, s in point["summary"].items():
+                if variant != "all":
+                    entry = client.setdefault(variant, {"ok": 0, "failed": 0})
+                    entry["ok"] += s["completed"]
+                    entry["failed"] += s["failed"]
+    report = {"capacity": capacity, "best": best, "price_per_hour": price_per_hour, "price_unit": price_unit,
+              "client_counts": client, "server_counts": server,
+              "routed_split": {v: s["completed"] for v, s in routed["phases"][0]["summary"].items() if v != "all"}
+              if routed else None,
+              "quality": (manifest or {}).get("quality"), "pruning": {k: (manifest or {}).get(k) for k in
+                                                                      ("method", "pattern", "sparsity")}}
+    if "dense" in best and "pruned" in best and best["dense"]["output_throughput"] > 0:
+        report["throughput_ratio"] = best["pruned"]["output_throughput"] / best["dense"]["output_throughput"]
+    if server is not None:
+        report["counts_agree"] = all(server.get(v, {}).get("ok", 0.0) == c["ok"] for v, c in client.items())
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["| variant | concurrency | req/s | output tok/s | p50 / p90 / p99 latency (ms) | p50 first block (ms) | "
+             f"cost per 1M output tokens ({report['price_unit']} at {report['price_per_hour']}/h) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, points in sorted(report["capacity"].items()):
+        for p in points:
+            cost = p["cost_per_million_output_tokens"]
+            lines.append(f"| {variant} | {p['concurrency']} | {p['request_throughput']:.2f} | {p['output_throughput']:.1f} | "
+                         f"{p['p50_e2el_ms']:.0f} / {p['p90_e2el_ms']:.0f} / {p['p99_e2el_ms']:.0f} | "
+                         f"{p['p50_ttft_ms']:.0f} | {'-' if cost is None else f'{cost:.3f}'} |")
+    lines.append("")
+    if "throughput_ratio" in report:
+        lines.append(f"- Pruned / dense output throughput (best point each): **{report['throughput_ratio']:.2f}x**")
+    quality = report.get("quality")
+    if quality and "pruned" in quality:
+        delta = quality["pruned"].get("vs_dense", {})
+        lines.append(f"- Quality ({report['pruning']['method']}, {report['pruning']['pattern']}): NLL "
+                     f"{quality['dense']['nll']:.3f} -> {quality['pruned']['nll']:.3f} nats/token "
+                     f"({delta.get('delta_nll', float('nan')):+.3f} ± {delta.get('delta_nll_stderr', float('nan')):.3f}, "
+                     "paired, measured at prune time)")
+    if report.get("routed_split"):
+        lines.append(f"- A/B router split of the routed phase: {report['routed_split']}")
+    if report.get("server_counts") is not None:
+        agree = "agree" if report["counts_agree"] else "DISAGREE"
+        server_ok = {v: s.get("ok", 0) for v, s in report["server_counts"].items()}
+        client_ok = {v: c["ok"] for v, c in report["client_counts"].items()}
+        lines.append(f"- Successful requests, server (Prometheus) {server_ok} vs client {client_ok}: {agree}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Latency (p50) against output throughput, one line per variant, points by concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, points in sorted(report["capacity"].items()):
+        xs = [p["output_throughput"] for p in points]
+        ys = [p["p50_e2el_ms"] / 1000 for p in points]
+        ax.plot(xs, ys, marker="o", label=variant)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"c={p['concurrency']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("output tokens / s")
+    ax.set_ylabel("median latency (s)")
+    ax.set_title("Latency vs throughput")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True,
+                        help="VARIANT=DIR or routed=DIR: a loadtest --out-dir (VARIANT: the forced variant)")
+    parser.add_argument("--pruned-artifact", default=None, help="its sinkprune.json gives the quality")
+    parser.add_argument("--metrics-before", default=None)
+    parser.add_argument("--metrics-after", default=None)
+    parser.add_argument("--price-per-hour", type=float, default=1.0)
+    parser.add_argument("--price-unit", default="USD per CPU-hour")
+    parser.add_argument("--out-dir", default="runs/report")
+    args = parser.parse_args(argv)
+    phases = []
+    for spec in args.run:
+        name, _, directory = spec.partition("=")
+        summary = json.loads((Path(directory) / "summary.json").read_text())
+        phases.append({**summary, "variant_forced": None if name == "routed" else name})
+    manifest = json.loads((Path(args.pruned_artifact) / "sinkprune.json").read_text()) if args.pruned_artifact else None
+    server = None
+    if args.metrics_before and args.metrics_after:
+        server = count_delta(server_counts(Path(args.metrics_before).read_text()),
+                             server_counts(Path(args.metrics_after).read_text()))
+    report = build_report(phases, manifest, server, args.price_per_hour, args.price_unit)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "report.md").write_text(table)
+    png = plot(report, out / "latency_vs_throughput.png")
+    print(table)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
