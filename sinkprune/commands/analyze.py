@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--timesteps", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated t in (0, 1]")
     p.add_argument("--text", nargs="*", default=None, help="local text files (default: the shipped evaluation split)")
+    p.add_argument("--causal", action="store_true",
+                   help="also run the same model with a causal mask: the AR-style comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -47,16 +49,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     documents = load_text_files(args.text) if args.text else load_split("evaluation")
     windows = make_windows(token_stream(documents, tokenizer), args.seq_len, tokenizer.bos_token_id, args.windows)
-    mass = collect_attention_mass(model, windows, timesteps, args.seed, progress=True)
-    report = summarize(mass, timesteps) | {"model": str(args.model), "seed": args.seed}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sinks.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot = plot_mass(mass, timesteps, out / "sinks.png")
-    for layer in report["layers"]:
-        steps = layer["by_timestep"]
-        print(f"layer {layer['layer']}: dominant position {[s['most_common_dominant_position'] for s in steps]} "
-              f"at t={timesteps}, share {[round(s['dominant_share_mean'], 3) for s in steps]}, "
-              f"moves in {layer['windows_where_dominant_moves']:.0%} of windows")
-    print(f"wrote {out / 'sinks.json'} and {plot}")
+    for suffix, causal in [("", False)] + ([("_causal", True)] if args.causal else []):
+        mass = collect_attention_mass(model, windows, timesteps, args.seed, progress=True, causal=causal)
+        report = summarize(mass, timesteps) | {"model": str(args.model), "seed": args.seed, "causal": causal}
+        (out / f"sinks{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot = plot_mass(mass, timesteps, out / f"sinks{suffix}.png")
+        print("causal (AR-style) attention:" if causal else "bidirectional (DLM) attention:")
+        for layer in report["layers"]:
+            steps = layer["by_timestep"]
+            print(f"  layer {layer['layer']}: dominant position {[s['most_common_dominant_position'] for s in steps]}"
+                  f" at t={timesteps}, share {[round(s['dominant_share_mean'], 3) for s in steps]}, "
+                  f"moves in {layer['windows_where_dominant_moves']:.0%} of windows, "
+                  f"normalised variance {layer['dominant_position_variance_norm']:.4f}")
+        print(f"wrote {out / f'sinks{suffix}.json'} and {plot}")
     return 0
