@@ -1,6 +1,8 @@
 """Shared fixtures: tiny LLaDA and Dream models with random but non-degenerate weights."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -40,3 +42,17 @@ def random_model(model_type: str, dtype=torch.float64, seed: int = 0, std: float
 @pytest.fixture(params=["llada", "dream"])
 def model_type(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The Serve app on 127.0.0.1 (embedded model as `dense`, a 2:4 artifact as `pruned`) and a real
+    Prometheus scraping it; shared by every end-to-end test module (it takes minutes to start)."""
+    from serve.local import local_app
+    from tests.e2e import make_dense_and_pruned, prometheus
+
+    root = tmp_path_factory.mktemp("serve")
+    dense, pruned = make_dense_and_pruned(root)
+    with local_app({"model": dense, "pruned": pruned}, temp_dir=str(root / "ray")) as (base_url, metrics_url):
+        with prometheus(metrics_url, root) as query:
+            yield SimpleNamespace(base_url=base_url, metrics_url=metrics_url, query=query, pruned=pruned)

@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import make_dense_and_pruned, prometheus, wait_until
+from tests.e2e import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 SMALL = {"max_tokens": 4, "steps": 4}
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from serve.local import local_app
-
-    root = tmp_path_factory.mktemp("serve")
-    dense, pruned = make_dense_and_pruned(root)
-    with local_app({"model": dense, "pruned": pruned}, temp_dir=str(root / "ray")) as (base_url, metrics_url):
-        with prometheus(metrics_url, root) as query:
-            yield base_url, query
 
 
 def post(base_url: str, body: dict | bytes, headers: dict | None = None, path: str = "/v1/completions"):
@@ -41,14 +30,30 @@ def post(base_url: str, body: dict | bytes, headers: dict | None = None, path: s
         return err.code, err.headers.get("x-dlm-variant"), err.read().decode()
 
 
+def settled(read, pause_s: float = 8.0, timeout_s: float = 90.0):
+    """A reading that no longer changes: Ray exports metrics every few seconds, so traffic sent
+    by earlier tests may still be on its way to Prometheus."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(pause_s)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_split_is_balanced_sticky_and_counted_by_prometheus(app):
-    base_url, query = app
+    base_url, query = app.base_url, app.query
     promql = 'sum by (variant) (ray_sinkserve_requests_total{status="ok"})'
 
     def counts():
         return {json.loads(k).get("variant"): v for k, v in query(promql).items()}
 
-    before = counts()
+    before = settled(counts)
     users = [f"user-{i}" for i in range(200)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda u: post(base_url, {"model": "sinkserve", "prompt": "The table", "user": u,
@@ -68,7 +73,7 @@ def test_split_is_balanced_sticky_and_counted_by_prometheus(app):
 def test_openai_client_completes_and_streams(app):
     import openai
 
-    base_url, _ = app
+    base_url = app.base_url
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data][0] == "sinkserve"
     completion = client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
@@ -82,7 +87,7 @@ def test_openai_client_completes_and_streams(app):
 
 
 def test_forced_variant_is_served_by_that_variant(app):
-    base_url, _ = app
+    base_url = app.base_url
     for variant in ("dense", "pruned", "pruned", "dense"):
         status, served, body = post(base_url, {"model": "sinkserve", "prompt": "SELECT", **SMALL},
                                     {"x-dlm-variant": variant})
@@ -106,7 +111,7 @@ def test_forced_variant_is_served_by_that_variant(app):
     ({"model": "/etc/passwd", "prompt": "x"}, "model"),
 ])
 def test_malformed_requests_get_4xx_naming_the_field(app, body, param):
-    base_url, _ = app
+    base_url = app.base_url
     status, _, text = post(base_url, body)
     assert 400 <= status < 500, text
     error = json.loads(text)["error"]
@@ -115,7 +120,7 @@ def test_malformed_requests_get_4xx_naming_the_field(app, body, param):
 
 
 def test_unknown_variant_header_is_a_400(app):
-    status, _, text = post(app[0], {"model": "sinkserve", "prompt": "x", **SMALL}, {"x-dlm-variant": "sparse"})
+    status, _, text = post(app.base_url, {"model": "sinkserve", "prompt": "x", **SMALL}, {"x-dlm-variant": "sparse"})
     assert status == 400 and "unknown variant" in text
 
 
@@ -135,7 +140,7 @@ def replica_pids(deployment: str) -> list[int]:
 def test_killing_the_pruned_replica_fails_over_and_it_comes_back(app):
     import ray
 
-    base_url, _ = app
+    base_url = app.base_url
     pruned = replica_pids("ModelReplica-pruned")
     assert len(pruned) == 1
     users = [f"load-{i}" for i in range(60)]
