@@ -1,0 +1,45 @@
+"""The load tester against the real app: its counts equal the server's Prometheus counts per
+variant, and failures (requests the engine refuses) are counted as failed on both sides."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest.cli import main as loadtest_main
+from tests.e2e import wait_until
+from tests.test_serve_e2e import settled
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _server(app, status: str) -> dict[str, float]:
+    promql = f'sum by (variant) (ray_sinkserve_requests_total{{status="{status}"}})'
+    return {json.loads(k).get("variant"): v for k, v in app.query(promql).items()}
+
+
+def _run(app, tmp_path, name: str, extra: dict) -> dict:
+    out = tmp_path / name
+    code = loadtest_main(["--base-url", app.base_url, "--concurrencies", "4", "--num-requests", "24",
+                          "--max-tokens", "4", "--max-seconds", "300", "--extra", json.dumps(extra),
+                          "--out-dir", str(out), "--quiet"])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())["phases"][0]["summary"]
+
+
+def test_client_counts_equal_server_counts_including_failures(app, tmp_path):
+    ok_before = settled(lambda: _server(app, "ok"))
+    invalid_before = settled(lambda: _server(app, "invalid"))
+    good = _run(app, tmp_path, "good", {"steps": 4})
+    # 4 tokens in blocks of 2 is 2 blocks; 3 steps do not divide among them: the engine refuses (HTTP 400)
+    bad = _run(app, tmp_path, "bad", {"steps": 3, "block_length": 2})
+    assert good["all"]["completed"] == 24 and good["all"]["failed"] == 0
+    assert bad["all"]["completed"] == 0 and bad["all"]["failed"] == 24
+    assert bad["all"]["errors"] == {"http_400": 24}
+    variants = ("dense", "pruned")
+    expected_ok = {v: ok_before.get(v, 0) + good.get(v, {}).get("completed", 0) for v in variants}
+    expected_invalid = {v: invalid_before.get(v, 0) + bad.get(v, {}).get("failed", 0) for v in variants}
+    wait_until(lambda: all(_server(app, "ok").get(v, 0) == expected_ok[v] for v in variants), 120,
+               f"server ok counts {expected_ok}")
+    wait_until(lambda: all(_server(app, "invalid").get(v, 0) == expected_invalid[v] for v in variants), 120,
+               f"server invalid counts {expected_invalid}")
