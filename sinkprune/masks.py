@@ -11,33 +11,33 @@ import torch
 class Pattern:
     """`unstructured:<ratio>` (pruned per output row) or `N:M` (N kept of every M consecutive inputs)."""
 
-    kind: str  # "unstructured" | "nm"
+    kind: str  # "unstructured" | "nm" | "structured"
     ratio: float = 0.0  # fraction pruned, for unstructured
     n: int = 0  # kept per group, for N:M
     m: int = 0
 
     @property
     def sparsity(self) -> float:
-        return self.ratio if self.kind == "unstructured" else 1 - self.n / self.m
+        return 1 - self.n / self.m if self.kind == "nm" else self.ratio
 
     def __str__(self) -> str:
-        return f"unstructured:{self.ratio:g}" if self.kind == "unstructured" else f"{self.n}:{self.m}"
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.kind}:{self.ratio:g}"
 
 
 def parse_pattern(spec: str) -> Pattern:
     """Parse `2:4`, `4:8` or `unstructured:0.5`; raises ValueError naming the problem."""
     spec = spec.strip()
-    if match := re.fullmatch(r"unstructured:([0-9.]+)", spec):
-        ratio = float(match.group(1))
+    if match := re.fullmatch(r"(unstructured|structured):([0-9.]+)", spec):
+        ratio = float(match.group(2))
         if not 0 < ratio < 1:
-            raise ValueError(f"pattern {spec!r}: the unstructured ratio must be in (0, 1)")
-        return Pattern("unstructured", ratio=ratio)
+            raise ValueError(f"pattern {spec!r}: the {match.group(1)} ratio must be in (0, 1)")
+        return Pattern(match.group(1), ratio=ratio)
     if match := re.fullmatch(r"(\d+):(\d+)", spec):
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
             raise ValueError(f"pattern {spec!r}: N:M needs 0 < N < M (N weights kept of every M)")
         return Pattern("nm", n=n, m=m)
-    raise ValueError(f"unknown pattern {spec!r}: use N:M (e.g. 2:4) or unstructured:<ratio>")
+    raise ValueError(f"unknown pattern {spec!r}: use N:M (e.g. 2:4), unstructured:<ratio> or structured:<ratio>")
 
 
 def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:

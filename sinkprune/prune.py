@@ -7,6 +7,7 @@ attention-sink positions do not dominate what is judged important.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,9 +20,11 @@ from sinkprune.masks import Pattern, make_mask, parse_pattern
 from sinkprune.scores import magnitude_score, wanda_score
 from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K, window_sink_scores
 from sinkprune.sparsegpt import sparsegpt_prune
+from sinkprune.structured import prune_block_structured
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink-wanda", "sink-sparsegpt")
 STATISTIC_OF = {"magnitude": None, "wanda": "input_square_sum", "sparsegpt": "hessian"}
+STRUCTURED_METHODS = ("magnitude", "wanda", "sink-wanda")
 
 
 @dataclass
@@ -67,6 +70,8 @@ def prune_model(
     if settings.method not in METHODS:
         raise ValueError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
     pattern = parse_pattern(settings.pattern)
+    if pattern.kind == "structured" and settings.method not in STRUCTURED_METHODS:
+        raise ValueError(f"structured pruning supports {', '.join(STRUCTURED_METHODS)}, not {settings.method!r}")
     statistic = STATISTIC_OF[settings.method.removeprefix("sink-")]
     if statistic is not None and calibration_windows is None:
         raise ValueError(f"method {settings.method!r} needs calibration windows")
@@ -83,10 +88,28 @@ def prune_model(
     prefix = next(name for name, m in model.named_modules() if m is model.blocks)
 
     def prune_block(index: int, block: nn.Module, stats: dict) -> None:
+        if pattern.kind == "structured":
+            roles = model.linear_roles
+            role_stats = {role: stats[roles[role]].value if stats else None for role in ("down", "o")}
+            kept = prune_block_structured(block, roles, model.attention_path, pattern.ratio, role_stats)
+            sparsity[f"{prefix}.{index}"] = 1 - kept["mlp_channels_kept"]
+            return
         for name, linear in prunable_linears(block).items():
             prune_linear(linear, settings.method, pattern, stats[name].value if stats else None)
             sparsity[f"{prefix}.{index}.{name}"] = float((linear.weight == 0).float().mean())
 
     calibrate_sequentially(model, samples if samples is not None else torch.zeros(0, 1, dtype=torch.long),
                            statistic, prune_block, row_weights, settings.batch_size, storage_device, progress)
+    if pattern.kind == "structured":
+        _shrink_config(model)
     return sparsity
+
+
+def _shrink_config(model: DiffusionLM) -> None:
+    """Describe the sliced model: every block now has the same, smaller, sizes."""
+    block = model.blocks[0]
+    attention = block.get_submodule(model.attention_path) if model.attention_path else block
+    down = block.get_submodule(model.linear_roles["down"])
+    model.config = dataclasses.replace(
+        model.config, intermediate_size=down.in_features, num_heads=attention.num_heads,
+        num_kv_heads=attention.num_kv_heads, explicit_head_dim=model.config.head_dim)

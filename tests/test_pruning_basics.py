@@ -135,3 +135,45 @@ def test_statistics_live_for_one_block_at_a_time(monkeypatch):
     windows = torch.randint(3, 90, (2, 16))
     prune_model(model, PruneSettings("sparsegpt", "2:4", [0.5]), windows)
     assert peak["n"] == 7  # the linears of one block, never more
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sink-wanda"])
+def test_structured_pruning_gives_a_smaller_model_that_saves_and_loads(tmp_path, model_type, method):
+    from sinkprune.dlm.loading import load_model, save_model
+
+    model = random_model(model_type, dtype=torch.float32)
+    config = model.config
+    windows = torch.randint(3, 90, (3, 16), generator=torch.Generator().manual_seed(0))
+    prune_model(model, PruneSettings(method, "structured:0.5", [0.5]), windows)
+    assert model.config.intermediate_size == config.intermediate_size // 2
+    assert model.config.num_kv_heads == config.num_kv_heads // 2
+    assert model.config.num_heads == config.num_heads // 2 and model.config.head_dim == config.head_dim
+    params = sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n or ".layers." in n)
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        logits = model(ids).logits
+    save_model(model, tmp_path / "s")
+    loaded, _ = load_model(tmp_path / "s", with_tokenizer=False)
+    assert loaded.config == model.config
+    assert sum(p.numel() for n, p in loaded.named_parameters() if ".blocks." in n or ".layers." in n) == params
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_structured_keeps_the_most_important_channels():
+    from sinkprune.structured import prune_block_structured
+
+    model = random_model("llada", dtype=torch.float32)
+    block = model.blocks[0]
+    stats = {"down": torch.ones(128), "o": torch.ones(64)}
+    stats["down"][[5, 77]] = 1e6  # two loud MLP channels must survive
+    before_up = block.up_proj.weight.detach().clone()
+    prune_block_structured(block, model.linear_roles, model.attention_path, 0.9, stats)
+    assert block.up_proj.out_features == 13
+    kept_rows = {i for i in range(128) for j in range(13) if torch.equal(before_up[i], block.up_proj.weight[j])}
+    assert {5, 77} <= kept_rows
+
+
+def test_structured_sparsegpt_is_refused():
+    with pytest.raises(ValueError, match="structured pruning supports"):
+        prune_model(random_model("llada"), PruneSettings("sparsegpt", "structured:0.3"), torch.zeros(1, 4, dtype=torch.long))

@@ -34,11 +34,13 @@ class DLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # None: hidden_size // num_heads. Set explicitly once structured pruning has removed heads.
+    explicit_head_dim: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "DLMConfig":
@@ -59,6 +61,8 @@ class DLMConfig:
         """The config.json dict to save: the original keys, with our values written back."""
         out = dict(self.hf_config) or _native_skeleton(self)
         out.update(_native_values(self))
+        if out.get("head_dim") is None:
+            out.pop("head_dim", None)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +71,7 @@ class DLMConfig:
         return data
 
     def _validate(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.explicit_head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{self.num_heads} heads are not divisible by {self.num_kv_heads} key/value heads")
@@ -106,6 +110,7 @@ def _from_llada(hf: dict[str, Any]) -> DLMConfig:
         max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
         mask_token_id=int(_require(hf, "mask_token_id")),
         qkv_bias=False,
+        explicit_head_dim=hf.get("head_dim"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
@@ -130,6 +135,7 @@ def _from_dream(hf: dict[str, Any]) -> DLMConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         mask_token_id=int(_require(hf, "mask_token_id")),
         qkv_bias=True,
+        explicit_head_dim=hf.get("head_dim"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
@@ -148,7 +154,7 @@ def _native_skeleton(config: DLMConfig) -> dict[str, Any]:
 
 
 def _native_values(config: DLMConfig) -> dict[str, Any]:
-    common = {"rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps,
+    common = {"rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps, "head_dim": config.explicit_head_dim,
               "mask_token_id": config.mask_token_id, "bos_token_id": config.bos_token_id,
               "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
     if config.model_type == LLADA:

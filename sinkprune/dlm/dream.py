@@ -18,12 +18,12 @@ from sinkprune.dlm.model import DiffusionLM
 class DreamAttention(nn.Module):
     def __init__(self, config: DLMConfig):
         super().__init__()
-        d, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+        d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.q_proj = nn.Linear(d, d, bias=True)
+        self.q_proj = nn.Linear(d, q, bias=True)
         self.k_proj = nn.Linear(d, kv, bias=True)
         self.v_proj = nn.Linear(d, kv, bias=True)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
         return attention(self.q_proj, self.k_proj, self.v_proj, self.o_proj, x, inputs,
@@ -66,6 +66,10 @@ class DreamBackbone(nn.Module):
 
 class DreamModel(DiffusionLM):
     shift_logits = True
+    # each block's linears by role, for structured pruning (attention sizes live on `self_attn`)
+    linear_roles = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    attention_path = "self_attn"
 
     def __init__(self, config: DLMConfig):
         super().__init__()

@@ -16,13 +16,13 @@ from sinkprune.dlm.model import DiffusionLM
 class LLaDABlock(nn.Module):
     def __init__(self, config: DLMConfig):
         super().__init__()
-        d, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+        d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.attn_norm = RMSNorm(d, config.norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = nn.Linear(d, q, bias=False)
         self.k_proj = nn.Linear(d, kv, bias=False)
         self.v_proj = nn.Linear(d, kv, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.attn_out = nn.Linear(q, d, bias=False)
         self.ff_norm = RMSNorm(d, config.norm_eps)
         self.ff_proj = nn.Linear(d, config.intermediate_size, bias=False)  # gate (SiLU side)
         self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
@@ -48,6 +48,11 @@ class LLaDATransformer(nn.Module):
 
 
 class LLaDAModelLM(DiffusionLM):
+    # each block's linears by role, for structured pruning (attention sizes live on the block itself)
+    linear_roles = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
+                    "gate": "ff_proj", "up": "up_proj", "down": "ff_out"}
+    attention_path = ""
+
     def __init__(self, config: DLMConfig):
         super().__init__()
         self.config = config
