@@ -93,6 +93,8 @@ class ModelReplica:
                 output = event.output
                 status = {"error": "error", "cancelled": "cancelled"}.get(output.finish_reason, "ok")
                 self.metrics.request_finished(status, output)
+                self.metrics.waiting.set(self.engine.num_waiting, tags=self.metrics.tags)
+                self.metrics.running.set(self.engine.num_running, tags=self.metrics.tags)
                 if status == "error":
                     yield error_event(500, f"generation failed: {output.error}", "engine_error")
                 else:
