@@ -25,10 +25,15 @@ def default_timesteps(diffusion_steps: int = 50, every: int = 5) -> list[float]:
     return [1 - i / diffusion_steps for i in range(0, diffusion_steps, every)]
 
 
+def blocks_prefix(model: DiffusionLM) -> str:
+    """The qualified name of the model's block list (`model.transformer.blocks`, `model.layers`)."""
+    return next(name for name, m in model.named_modules() if m is model.blocks)
+
+
 def prunable_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
     """Every linear layer inside `module` (a block, or a model's blocks), by qualified name."""
     if isinstance(module, DiffusionLM):
-        prefix = next(name for name, m in module.named_modules() if m is module.blocks)
+        prefix = blocks_prefix(module)
         module = module.blocks
     return {f"{prefix}.{name}" if prefix else name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from sinkprune.calibration import calibrate_sequentially, default_timesteps, prunable_linears
+from sinkprune.calibration import blocks_prefix, calibrate_sequentially, default_timesteps, prunable_linears
 from sinkprune.dlm.diffusion import noise_at_timesteps
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import Pattern, make_mask, parse_pattern
@@ -85,7 +85,7 @@ def prune_model(
                                                  settings.k, settings.alpha, progress=progress)
             row_weights = (1 - sink_scores).repeat(len(settings.timesteps), 1)
     sparsity: dict[str, float] = {}
-    prefix = next(name for name, m in model.named_modules() if m is model.blocks)
+    prefix = blocks_prefix(model)
 
     def prune_block(index: int, block: nn.Module, stats: dict) -> None:
         if pattern.kind == "structured":
