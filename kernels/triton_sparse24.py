@@ -97,14 +97,19 @@ def _sparse24_kernel(
         tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=out_ok)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small-M tiles (memory-bound: wide K steps, narrow N for
+# more programs) and large-M tiles (compute-bound). Each compiles for sm_80 and sm_90 with no register spill and
+# within shared memory: `python -m kernels.compile_check` checks them without a GPU (tests/test_kernels_compile.py).
+GPU_CONFIGS = (
+    (16, 32, 128, 4, 4), (16, 64, 64, 8, 4), (16, 64, 128, 8, 4), (16, 32, 256, 8, 3), (16, 128, 64, 8, 3),
+    (32, 64, 64, 4, 4), (32, 64, 128, 8, 3), (32, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
+)
+
+
 def _gpu_configs() -> list[triton.Config]:
-    """Small-M tiles (memory-bound: wide K steps, narrow N for more programs) and large-M tiles (compute-bound)."""
-    small = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3),
-             (32, 64, 128, 4, 4), (32, 128, 64, 4, 4)]
-    large = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-             (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in small + large]
+            for bm, bn, bk, w, s in GPU_CONFIGS]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 from kernels import formats  # noqa: E402
 from kernels.sparse24 import Sparse24Linear  # noqa: E402
 from kernels.testing import random_24_weight  # noqa: E402
-from kernels.triton_sparse24 import Tiles, sparse24_matmul  # noqa: E402
+from kernels.triton_sparse24 import GPU_CONFIGS, Tiles, sparse24_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5}
@@ -66,6 +66,16 @@ def test_split_k_sums_the_partials_once(split_k, bias):
     x, weight, b = case(7, 48, 192, torch.float16, bias)
     values, meta = formats.pack(weight)
     assert_matches(sparse24_matmul(x, values, meta, b, tiles=Tiles(16, 32, 64, split_k)), x, weight, b)
+
+
+@pytest.mark.parametrize("block_m, block_n, block_k", sorted({c[:3] for c in GPU_CONFIGS}))
+def test_every_gpu_tile_shape_computes_the_product(block_m, block_n, block_k):
+    """The autotuner may pick any of these tiles on a GPU; each must be right on ragged M, N and K, split or not."""
+    x, weight, bias = case(37, 150, 520, torch.float16, bias=True, seed=block_m + block_n + block_k)
+    values, meta = formats.pack(weight)
+    for split_k in (1, 2):
+        y = sparse24_matmul(x, values, meta, bias, tiles=Tiles(block_m, block_n, block_k, split_k))
+        assert_matches(y, x, weight, bias)
 
 
 def test_kernel_refuses_inconsistent_inputs():
