@@ -103,7 +103,9 @@ def time_cpu(fn: Callable[[], object], warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's largest magnitude (fp32)."""
+    reference = reference.float()
     return float((y.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
 
 
@@ -130,7 +132,7 @@ def bench_shape(model: str, n: int, k: int, m_values: tuple[int, ...], backends:
                 row.skipped = layer
                 continue
             with torch.no_grad():
-                row.max_rel_err = _relative_error(layer(x), reference)
+                row.max_rel_err = relative_error(layer(x), reference)
                 seconds = timer(lambda: layer(x), warmup, reps)
             dense_seconds = seconds if backend == "dense" else dense_seconds
             moved = bytes_moved(m, n, k, backend, element)

@@ -9,25 +9,9 @@ import torch
 from sinkprune.dlm import DLMConfig, build_model, load_model, save_model
 from sinkprune.dlm.config import ConfigError
 from sinkprune.dlm.loading import ModelLoadError
+from sinkprune.dlm.presets import DREAM_7B as DREAM_7B_CONFIG
+from sinkprune.dlm.presets import LLADA_8B as LLADA_8B_CONFIG
 from tests.conftest import VOCAB, random_model, tiny_hf_config
-
-# Public config.json of GSAI-ML/LLaDA-8B-Base (the fields that shape the weights).
-LLADA_8B_CONFIG = {
-    "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_heads": 32, "n_kv_heads": 32,
-    "n_layers": 32, "mlp_hidden_size": 12288, "mlp_ratio": 4, "vocab_size": 126464, "embedding_size": 126464,
-    "max_sequence_length": 4096, "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "include_bias": False,
-    "weight_tying": False, "block_type": "llama", "mask_token_id": 126336, "eos_token_id": 126081,
-    "pad_token_id": 126081,
-}
-# Public config.json of Dream-org/Dream-v0-Base-7B.
-DREAM_7B_CONFIG = {
-    "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "intermediate_size": 18944,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
-    "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
-    "tie_word_embeddings": False, "mask_token_id": 151666, "pad_token_id": 151643, "bos_token_id": 151643,
-    "eos_token_id": 151643,
-}
-
 
 def llada_8b_expected() -> dict[str, tuple[int, ...]]:
     """The tensor table of the LLaDA-8B safetensors index."""

@@ -1,0 +1,76 @@
+"""`python -m serve.bench_step` on CPU: the swap-and-restore, the logits check, the report and bad arguments."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.sparse24 import Sparse24Linear
+from serve.bench_step import BASELINE, build, prune_24, swapped
+from sinkprune.calibration import prunable_linears
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path: Path, *args: str, interpret: bool = False) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "serve.bench_step", "--out", str(tmp_path / "step.json"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_swap_is_undone_and_sparse_logits_equal_the_pruned_dense_ones():
+    model = build("embedded", layers=2, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    names = prune_24(model)
+    assert len(names) == 2 * 7  # q, k, v, out, gate, up, down per block
+    originals = {name: model.get_submodule(name) for name in names}
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.inference_mode():
+        dense = model(ids).logits
+        with swapped(model, names, "dense"):
+            assert all(isinstance(model.get_submodule(n), Sparse24Linear) for n in names)
+            torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+        assert all(model.get_submodule(n) is originals[n] for n in names)
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+
+
+def test_preset_keeps_the_public_shapes_with_fewer_layers():
+    model = build("llada-8b", layers=1, device=torch.device("meta"), dtype=torch.bfloat16, seed=0)
+    assert len(model.blocks) == 1
+    shapes = {tuple(linear.weight.shape) for linear in prunable_linears(model).values()}
+    assert sorted(shapes) == [(4096, 4096), (4096, 12288), (12288, 4096)]
+
+
+@pytest.mark.slow
+def test_cpu_run_reports_every_backend(tmp_path):
+    result = bench(tmp_path, "--layers", "1", "--batch", "1", "--seq", "8", "--warmup", "1", "--reps", "1",
+                   "--backends", "dense,triton,cusparselt,auto", interpret=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert (tmp_path / "step.png").stat().st_size > 0
+    assert report["sparse_layers"] == 7 and report["layers"] == 1
+    assert [r["backend"] for r in report["rows"]] == [BASELINE, "dense", "triton", "cusparselt", "auto"]
+    checks = {c["backend"]: c for c in report["checks"]}
+    assert checks["dense"]["max_rel_err"] == 0 and checks["auto"]["max_rel_err"] == 0
+    assert 0 < checks["triton"]["max_rel_err"] < 1e-4  # fp32 through our kernel, a different summation order
+    assert "CUDA" in checks["cusparselt"]["skipped"]
+    assert all(r["ms"] > 0 for r in report["rows"] if r["skipped"] is None)
+    assert "| triton | 1 | 8 | 8 |" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "dense,fast"], "unknown fast"),
+    (["--batch", "0"], "at least 1"),
+    (["--seq", "8,x"], "comma-separated positive integers"),
+    (["--layers", "0"], "--layers must be at least 1"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(tmp_path, args, message):
+    result = bench(tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "step.json").exists()
