@@ -49,8 +49,8 @@ def test_preset_keeps_the_public_shapes_with_fewer_layers():
 
 @pytest.mark.slow
 def test_cpu_run_reports_every_backend(tmp_path):
-    result = bench(tmp_path, "--layers", "1", "--batch", "1", "--seq", "8", "--warmup", "1", "--reps", "1",
-                   "--backends", "dense,triton,cusparselt,auto", interpret=True)
+    result = bench(tmp_path, "--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "8", "--warmup", "1",
+                   "--reps", "1", "--backends", "dense,triton,cusparselt,auto", interpret=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "step.json").read_text())
     assert (tmp_path / "step.png").stat().st_size > 0

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# What a session with a GPU runs to verify and measure the CUDA paths, in one command. Each stage writes
+# its output to OUT/<stage>.txt (and JSON/PNG beside it), ready for docs/BENCHMARKS.md; a failing stage
+# does not stop the others, and the exit status is 1 if any failed.
+#
+#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env tests compile bench step (default: all, in order)
+#
+# PYTHON (default python3, which holds torch on the lent GPU machines) runs everything; it needs torch with
+# CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Budget on an H100:
+# run `env tests compile` in one call and `bench step` in another, each well inside 10 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu_check}
+shift $(( $# > 0 ? 1 : 0 ))
+stages=("${@:-env tests compile bench step}")
+stages=(${stages[*]})
+for stage in "${stages[@]}"; do
+    case $stage in
+        env|tests|compile|bench|step) ;;
+        *) echo "gpu_check: unknown stage '$stage' (stages: env tests compile bench step)" >&2; exit 2 ;;
+    esac
+done
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+failed=0
+
+run_stage() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc"
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        env) run_stage env sh -c "nvidia-smi; date -u; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuSPARSELt\", torch.backends.cusparselt.is_available()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'" ;;
+        tests) run_stage tests "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
+                   tests/test_kernels_triton.py tests/test_kernels_linear.py tests/test_kernels_swap.py \
+                   tests/test_kernels_formats.py tests/test_bench_step.py ;;
+        compile) run_stage compile "$py" -m kernels.compile_check --out "$out/compile_check.json" ;;
+        bench) run_stage bench "$py" -m kernels.bench --out "$out/kernels_bench.json" \
+                   --table "$out/dispatch_table.json" ;;
+        step) run_stage step_llada "$py" -m serve.bench_step --model llada-8b --out "$out/step_llada.json"
+              run_stage step_dream "$py" -m serve.bench_step --model dream-7b --out "$out/step_dream.json" ;;
+    esac
+done
+exit $failed
