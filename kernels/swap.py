@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .dispatch import plan_for
 from .formats import is_24
 from .sparse24 import Sparse24Linear
 
@@ -41,15 +42,22 @@ def _replace(model: nn.Module, build: Callable[[str, nn.Linear], Sparse24Linear 
 
 
 def swap_sparse_linears(model: nn.Module, backend: str | None = None,
-                        predicate: Predicate | None = None) -> list[str]:
+                        predicate: Predicate | None = None, skip_dense: bool = False) -> list[str]:
     """Replace each nn.Linear whose weight is 2:4 (and `predicate(name, linear)` holds) by Sparse24Linear.
 
     Returns the dotted names replaced. Linears that are not 2:4 stay as they are.
+    `skip_dense=True` also leaves a layer alone when its plan would run only the
+    `dense` backend (on CPU, for instance): the product is the same and nn.Linear
+    holds the weight once, where Sparse24Linear would add the packed copy.
     """
     def build(name: str, linear: nn.Linear) -> Sparse24Linear | None:
         if (predicate is not None and not predicate(name, linear)) or not is_24(linear.weight):
             return None
-        return Sparse24Linear.from_dense(linear.weight, linear.bias, backend=backend, name=f"{name}.weight")
+        weight = linear.weight
+        if skip_dense and plan_for(weight.device, weight.dtype, linear.out_features, linear.in_features,
+                                   backend).backends == ("dense",):
+            return None
+        return Sparse24Linear.from_dense(weight, linear.bias, backend=backend, name=f"{name}.weight")
 
     with torch.no_grad():
         return _replace(model, build)

@@ -1,7 +1,9 @@
 """`ModelReplica`: one variant (a model directory or a pruned artifact) behind one DLMEngine.
 
-2:4 artifacts get their linear layers swapped for `Sparse24Linear` (the kernel
-dispatch picks the backend for the device). Results cross the Ray boundary as
+2:4 artifacts get their linear layers swapped for `Sparse24Linear` where the kernel
+dispatch gives them a sparse backend on this device; a layer that would only run
+the `dense` backend (every layer on CPU) stays an `nn.Linear`: the same product,
+without the packed copy's memory. Results cross the Ray boundary as
 plain dicts; refusals (bad input, overload) are returned as error events with
 the HTTP status the router should answer, never raised.
 """
@@ -62,7 +64,7 @@ class ModelReplica:
     def _swap_sparse(model, backend: str | None) -> list[str]:
         from kernels.swap import swap_sparse_linears
 
-        return swap_sparse_linears(model, backend=backend)
+        return swap_sparse_linears(model, backend=backend, skip_dense=True)
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running)

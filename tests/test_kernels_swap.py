@@ -73,6 +73,16 @@ def test_swap_replaces_exactly_the_24_linears_and_keeps_outputs():
     assert torch.equal(after, before)
 
 
+def test_skip_dense_leaves_layers_that_would_only_run_dense(monkeypatch):
+    monkeypatch.delenv("SINKSERVE_SPARSE_BACKEND", raising=False)
+    model = toy_model()  # on CPU every plan is dense
+    assert swap_sparse_linears(model, skip_dense=True) == []
+    assert swap_sparse_linears(model, backend="dense", skip_dense=True) == []
+    assert not any(isinstance(module, Sparse24Linear) for module in model.modules())
+    assert swap_sparse_linears(model, predicate=lambda name, linear: name != "head") == \
+        ["blocks.0.up", "blocks.0.down", "blocks.1.gate"]  # without skip_dense the same layers are swapped
+
+
 def test_swap_keeps_a_shared_linear_shared():
     shared = nn.Linear(8, 8)
     prune_24(shared, 5)
