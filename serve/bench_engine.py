@@ -7,8 +7,9 @@ Every run of this command measures, on the same prompts and in the same process:
    output tokens/s, requests/s, latency p50/p95/p99, time to first committed
    block, forward passes per generated token;
 2. decoding variants through the engine at the highest concurrency: threshold
-   decoding (Fast-dLLM) and the prefix cache, alone and together, with their
-   quality cost against the fixed-step, uncached outputs: token agreement and
+   decoding (Fast-dLLM), the prefix cache and the dual cache, alone and with
+   threshold decoding, with their quality cost against the fixed-step, uncached
+   outputs: token agreement and
    the NLL of the completions under the (uncached) model, paired on identical
    Monte-Carlo masks.
 
@@ -224,8 +225,9 @@ async def benchmark(args) -> dict:
     baseline = next(r for r in load_runs if r.concurrency == top)
     variants = [baseline]
     changes = [(f"threshold {t}", {"threshold": t}) for t in args.threshold] + [
-        ("prefix cache", {"prefix_cache": True}),
-        (f"threshold {args.threshold[0]} + prefix cache", {"threshold": args.threshold[0], "prefix_cache": True})]
+        ("prefix cache", {"prefix_cache": True}), ("dual cache", {"dual_cache": True}),
+        (f"threshold {args.threshold[0]} + prefix cache", {"threshold": args.threshold[0], "prefix_cache": True}),
+        (f"threshold {args.threshold[0]} + dual cache", {"threshold": args.threshold[0], "dual_cache": True})]
     for label, change in changes:
         requests = [replace(r, **change) for r in base]
         variants.append(await run_engine(model, tokenizer, requests, top, label, args.repeats))

@@ -15,7 +15,8 @@ class EngineConfig:
     - `max_padding_ratio`: a pass only batches rows whose lengths differ by at most
       this factor (prefix-cached rows are much shorter than full ones); others wait
       for the next pass, oldest-served first.
-    - `prefix_cache`: default for requests that do not choose.
+    - `prefix_cache`, `dual_cache`: defaults for requests that do not choose
+      (Fast-dLLM's PrefixCache and DualCache; the dual cache implies the prefix cache).
     """
 
     max_num_seqs: int = 8
@@ -23,6 +24,7 @@ class EngineConfig:
     max_queue: int = 64
     max_padding_ratio: float = 2.0
     prefix_cache: bool = False
+    dual_cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_tokens_per_step", "max_queue"):

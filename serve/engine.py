@@ -109,7 +109,8 @@ class DLMEngine:
         """Queue `request` and return its event stream. Raises at once `RequestError`
         (invalid, naming the field) or `EngineOverloaded` (queue full, with retry_after)."""
         self._bind_loop()
-        prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache)
+        prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
+                           self.config.dual_cache)
         if prepared.request_id in self._requests:
             raise RequestError("request_id", f"{prepared.request_id!r} is already in use")
         config = self.model.config

@@ -1,8 +1,8 @@
 """One batched forward pass over a scheduled batch of sequences, then each sequence's step.
 
-Rows are left-padded with an attention mask (and prefix caches left-padded with
-a key mask), which the model guarantees gives every row the result it would get
-alone. Runs in the engine's worker thread, never on the event loop.
+Rows are left-padded with an attention mask (prefix caches left-padded and suffix
+caches right-padded, with key masks), which the model guarantees gives every row the
+result it would get alone. Runs in the engine's worker thread, never on the event loop.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from serve.sequence import Sequence
 class StepResult:
     events: list[list[StreamEvent]]  # per sequence of the batch, in order
     query_tokens: int  # positions computed, padding included (rows x longest row)
-    prefix_tokens: int  # cached positions attended to, padding included
-    cached_rows: int  # rows that ran against a prefix cache
+    prefix_tokens: int  # cached positions attended to (prefix and suffix caches), padding included
+    cached_rows: int  # rows that ran against a cache
     started: float
     finished: float  # after every sequence's step (events are stamped when the forward pass ended)
 
@@ -42,7 +42,9 @@ class ModelRunner:
         ids, mask = left_pad([plan.token_ids for plan in plans], self.pad_id, self.device)
         cached = [plan.prefix for plan in plans]
         prefix = KVCache.left_pad(cached) if any(c is not None for c in cached) else None
-        out = self.model(ids, attention_mask=mask if len(set(lengths)) > 1 else None, prefix=prefix,
+        suffixes = [plan.suffix for plan in plans]
+        suffix = KVCache.right_pad(suffixes) if any(c is not None for c in suffixes) else None
+        out = self.model(ids, attention_mask=mask if len(set(lengths)) > 1 else None, prefix=prefix, suffix=suffix,
                          return_kv=any(plan.keep is not None for plan in plans))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -51,7 +53,10 @@ class ModelRunner:
         events = []
         for row, (seq, plan) in enumerate(zip(batch, plans)):
             pad = width - lengths[row]
-            kept = None if plan.keep is None else out.kv.crop(slice(row, row + 1), pad, pad + plan.keep)
-            events.append(seq.advance(plan, out.logits[row:row + 1, pad:], kept, computed))
-        return StepResult(events, ids.numel(), 0 if prefix is None else prefix.mask.numel(),
-                          sum(c is not None for c in cached), started, time.perf_counter())
+            rows = slice(row, row + 1)
+            kept = None if plan.keep is None else out.kv.crop(rows, pad, pad + plan.keep)
+            kept_suffix = None if plan.keep_suffix is None else out.kv.crop(rows, pad + plan.keep_suffix, width)
+            events.append(seq.advance(plan, out.logits[rows, pad:], kept, kept_suffix, computed))
+        attended = sum(0 if c is None else c.mask.numel() for c in (prefix, suffix))
+        return StepResult(events, ids.numel(), attended, sum(c is not None for c in cached), started,
+                          time.perf_counter())

@@ -57,6 +57,7 @@ class GenerationRequest:
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     prefix_cache: bool | None = None  # None: the engine's default
+    dual_cache: bool | None = None  # None: the engine's default; True implies the prefix cache
     request_id: str | None = None  # None: a random id
 
 
@@ -76,6 +77,7 @@ class PreparedRequest:
     stop: tuple[str, ...]
     ignore_eos: bool
     prefix_cache: bool
+    dual_cache: bool
 
     @property
     def length(self) -> int:
@@ -116,7 +118,7 @@ def _stop_strings(stop) -> tuple[str, ...]:
 
 
 def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length: int,
-            prefix_cache_default: bool) -> PreparedRequest:
+            prefix_cache_default: bool = False, dual_cache_default: bool = False) -> PreparedRequest:
     """Validate `request` and resolve its defaults; raises `RequestError` naming the field.
 
     `max_length` bounds prompt + max_tokens (what one sequence may occupy in a step).
@@ -150,10 +152,11 @@ def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length
     seed = secrets.randbits(63) if request.seed is None else _integer("seed", request.seed, 0)
     if seed > MAX_SEED:
         raise RequestError("seed", f"must be below 2**63, got {seed}")
-    for name in ("ignore_eos", "prefix_cache"):
+    for name in ("ignore_eos", "prefix_cache", "dual_cache"):
         value = getattr(request, name)
-        if not isinstance(value, bool) and not (name == "prefix_cache" and value is None):
+        if not isinstance(value, bool) and not (name != "ignore_eos" and value is None):
             raise RequestError(name, f"must be true or false, got {value!r}")
+    dual_cache = dual_cache_default if request.dual_cache is None else request.dual_cache
     request_id = request.request_id if request.request_id is not None else secrets.token_hex(8)
     if not isinstance(request_id, str) or not request_id:
         raise RequestError("request_id", "must be a non-empty string")
@@ -162,7 +165,8 @@ def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length
         block_length=block_length, temperature=float(temperature), remasking=remasking,
         threshold=None if threshold is None else float(threshold), seed=seed, stop=_stop_strings(request.stop),
         ignore_eos=request.ignore_eos,
-        prefix_cache=prefix_cache_default if request.prefix_cache is None else request.prefix_cache,
+        prefix_cache=dual_cache or (prefix_cache_default if request.prefix_cache is None else request.prefix_cache),
+        dual_cache=dual_cache,
     )
 
 

@@ -25,6 +25,8 @@ class DLMKnobs(BaseModel):
     remasking: Literal[POLICIES] | None = Field(None, description="decoding policy")  # type: ignore[valid-type]
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="Fast-dLLM parallel decoding threshold")
     prefix_cache: bool | None = Field(None, description="reuse the committed prefix's K/V within a block")
+    dual_cache: bool | None = Field(None, description="reuse the K/V before and after the block within a block "
+                                                      "(Fast-dLLM DualCache; implies prefix_cache)")
 
 
 class CompletionRequest(DLMKnobs):

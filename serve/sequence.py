@@ -3,7 +3,7 @@
 A sequence is `prompt + [MASK] * max_tokens`, decoded block by block exactly as
 `sinkprune.dlm.generate.generate` decodes that request alone: the same schedule,
 the same `denoise_step`, its own seeded generator. What the engine adds is
-bookkeeping: the prefix cache of the current block, which committed tokens are
+bookkeeping: the prefix (and dual) cache of the current block, which committed tokens are
 new (for streaming), when the request is done (EOS, stop string, or no mask
 left), and usage.
 """
@@ -25,10 +25,12 @@ from serve.requests import BLOCK, LENGTH, STOP, TOKENS, PreparedRequest, Request
 class PassPlan:
     """What one sequence contributes to the next forward pass."""
 
-    token_ids: list[int]  # the positions to compute: the whole sequence, or from `offset` on
+    token_ids: list[int]  # the positions to compute: the whole sequence, or a span from `offset` on
     offset: int  # where `token_ids` start in the sequence
     prefix: KVCache | None  # cached keys/values of the positions before `offset`
+    suffix: KVCache | None  # cached keys/values of the positions after the span (dual cache)
     keep: int | None  # after this pass, cache the keys/values of its first `keep` positions
+    keep_suffix: int | None  # ... and of its positions from `keep_suffix` on (dual cache)
 
 
 class Sequence:
@@ -46,7 +48,8 @@ class Sequence:
         self.text = IncrementalText(tokenizer, request.stop)
         self.block = self.step = 0
         self.schedule = self._block_schedule()
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # the current block's prefix cache, once its first pass ran
+        self.suffix: KVCache | None = None  # ... and its suffix cache (dual cache)
         self.committed: list[int] = []  # the contiguous committed prefix of the completion (cut at EOS)
         self.forward_passes = self.computed_tokens = 0
         self.arrival_time = arrival_time
@@ -74,25 +77,35 @@ class Sequence:
         start, end = self._block_range()
         return llada_transfer_counts((self.x[:, start:end] == self.params.mask_id).sum(-1), self.params.steps_per_block)
 
-    def _cut(self) -> int:
-        return prefix_cut(self._block_range()[0], self.shift_logits)
+    def _span(self) -> tuple[int, int]:
+        """What a cached pass computes: from the prefix cut to the block's end (dual cache) or the sequence's."""
+        stop = self._block_range()[1] if self.request.dual_cache else self.length
+        return prefix_cut(self._block_range()[0], self.shift_logits), stop
 
     @property
     def query_length(self) -> int:
         """Positions the next pass computes for this sequence."""
-        return self.length - self._cut() if self.cache is not None else self.length
+        if self.cache is None:
+            return self.length
+        cut, stop = self._span()
+        return stop - cut
 
     def plan(self) -> PassPlan:
         if self.cache is not None:
-            cut = self._cut()
-            return PassPlan(self.x[0, cut:].tolist(), cut, self.cache, None)
-        return PassPlan(self.x[0].tolist(), 0, None, self._cut() if self.request.prefix_cache else None)
+            cut, stop = self._span()
+            return PassPlan(self.x[0, cut:stop].tolist(), cut, self.cache, self.suffix, None, None)
+        if not self.request.prefix_cache:
+            return PassPlan(self.x[0].tolist(), 0, None, None, None, None)
+        cut, stop = self._span()
+        return PassPlan(self.x[0].tolist(), 0, None, None, cut, stop if self.request.dual_cache else None)
 
-    def advance(self, plan: PassPlan, logits: torch.Tensor, kept: KVCache | None, now: float) -> list[StreamEvent]:
-        """Apply one step from this pass's `logits` (1, positions of the plan, vocab);
-        returns the events it produced and sets `finish_reason` when done."""
+    def advance(self, plan: PassPlan, logits: torch.Tensor, kept: KVCache | None, kept_suffix: KVCache | None,
+                now: float) -> list[StreamEvent]:
+        """Apply one step from this pass's `logits` (1, positions of the plan, vocab) and
+        keep the caches the plan asked for; returns the events it produced and sets
+        `finish_reason` when done."""
         if plan.keep is not None:
-            self.cache = kept
+            self.cache, self.suffix = kept, kept_suffix
         start, end = self._block_range()
         self.x = denoise_step(self.x, logits, plan.offset, start, end, self.schedule, self.step, self.params,
                               self.generator)
@@ -105,7 +118,7 @@ class Sequence:
             if self.first_block_time is None:
                 self.first_block_time = now
             if not self.finished:
-                self.block, self.step, self.cache = self.block + 1, 0, None
+                self.block, self.step, self.cache, self.suffix = self.block + 1, 0, None, None
                 self.schedule = self._block_schedule()
         return events
 

@@ -39,7 +39,8 @@ def reference(model, request: GenerationRequest, seed: int) -> list[int]:
                    block_length=request.block_length or request.max_tokens, temperature=request.temperature,
                    remasking=request.remasking or DEFAULT_REMASKING[model.config.model_type],
                    threshold=request.threshold,
-                   generator=torch.Generator().manual_seed(seed), prefix_cache=bool(request.prefix_cache))
+                   generator=torch.Generator().manual_seed(seed), prefix_cache=bool(request.prefix_cache),
+                   dual_cache=bool(request.dual_cache))
     tokens = out.completions()[0].tolist()
     if not request.ignore_eos and EOS_ID in tokens:
         tokens = tokens[:tokens.index(EOS_ID)]
@@ -49,6 +50,7 @@ def reference(model, request: GenerationRequest, seed: int) -> list[int]:
 def random_requests(model_type: str, count: int, temperature: float, rng: random.Random) -> list[GenerationRequest]:
     requests = []
     for i in range(count):
+        cache = rng.choice(["none", "prefix", "dual"])
         max_tokens = rng.choice([4, 8, 16])
         block_length = rng.choice([b for b in (2, 4, 8, 16) if max_tokens % b == 0])
         blocks = max_tokens // block_length
@@ -57,7 +59,7 @@ def random_requests(model_type: str, count: int, temperature: float, rng: random
             prompt=[rng.randrange(2, 90) for _ in range(rng.randint(1, 12))], max_tokens=max_tokens, steps=steps,
             block_length=block_length, temperature=temperature, remasking=rng.choice(POLICIES[model_type]),
             threshold=rng.choice([None, None, 0.2, 0.5]), seed=rng.randrange(1000), ignore_eos=rng.random() < 0.5,
-            prefix_cache=rng.random() < 0.4, request_id=f"r{i}"))
+            prefix_cache=cache == "prefix", dual_cache=cache == "dual", request_id=f"r{i}"))
     return requests
 
 
@@ -95,12 +97,12 @@ def final(events) -> RequestOutput:
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_engine_output_equals_generate_alone(model_type, temperature):
-    """Mixed lengths, steps, blocks, policies, thresholds and prefix caching, arriving
+    """Mixed lengths, steps, blocks, policies, thresholds, prefix and dual caching, arriving
     at random steps: every output equals generate() on that request alone."""
     model = random_model(model_type)
     rng = random.Random(7 if temperature else 3)
     requests = random_requests(model_type, 14, temperature, rng)
-    arrivals = sorted(rng.randrange(0, 30) for _ in requests)
+    arrivals = sorted(rng.randrange(0, 15) for _ in requests)
     engine = DLMEngine(model, None, EngineConfig(max_num_seqs=4, max_padding_ratio=4.0))
     events, steps = asyncio.run(serve(engine, requests, arrivals))
     for request, request_events in zip(requests, events):
@@ -196,9 +198,10 @@ def test_full_queue_refuses_at_once_then_recovers():
     assert asyncio.run(main()).finish_reason in ("stop", "length")
 
 
-def test_streamed_events_add_up_to_the_final_output(model_type):
+@pytest.mark.parametrize("cache, cached_passes", [("prefix_cache", [16, 12, 8, 4]), ("dual_cache", [4, 4, 4, 4])])
+def test_streamed_events_add_up_to_the_final_output(model_type, cache, cached_passes):
     model = random_model(model_type)
-    engine = DLMEngine(model, CharTokenizer(), EngineConfig(prefix_cache=True))
+    engine = DLMEngine(model, CharTokenizer(), EngineConfig(**{cache: True}))
     request = GenerationRequest("hello", max_tokens=16, steps=8, block_length=4, ignore_eos=True)
 
     async def main():
@@ -218,8 +221,10 @@ def test_streamed_events_add_up_to_the_final_output(model_type):
     assert 0 < out.time_to_first_token_s <= out.time_to_first_block_s <= out.latency_s
     assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 16
     assert out.usage.forward_passes == 8
-    # prefix caching: only the 4 block-start passes see the whole sequence
-    assert out.usage.computed_tokens < 8 * 21
+    # only the 4 block-start passes see the whole sequence (21 positions); the others compute the block
+    # and what follows (prefix cache) or the block alone (dual cache), one position earlier for Dream's shift
+    shift = int(model.shift_logits)
+    assert out.usage.computed_tokens == 4 * 21 + sum(n + shift for n in cached_passes)
 
 
 def test_stop_string_cuts_the_text_and_holds_back_partial_matches():
@@ -280,7 +285,7 @@ def test_incremental_text_holds_back_stop_prefixes_and_partial_characters():
     ("steps", {"max_tokens": 8, "steps": 9}), ("temperature", {"temperature": -1.0}),
     ("temperature", {"temperature": float("nan")}), ("remasking", {"remasking": "bogus"}),
     ("threshold", {"threshold": 0.0}), ("seed", {"seed": -1}), ("stop", {"stop": [""]}),
-    ("prefix_cache", {"prefix_cache": "yes"}), ("max_tokens", {"max_tokens": True}),
+    ("prefix_cache", {"prefix_cache": "yes"}), ("dual_cache", {"dual_cache": 1}), ("max_tokens", {"max_tokens": True}),
 ])
 def test_invalid_requests_name_the_field(field, change):
     engine = DLMEngine(random_model("llada"), None, EngineConfig(max_tokens_per_step=512))

@@ -21,6 +21,10 @@ def test_bench_reports_load_and_variants(tmp_path, capsys):
             assert row[key] > 0
     assert engine[1]["forward_passes_per_token"] < engine[0]["forward_passes_per_token"]  # batching
     labels = [v["label"] for v in results["variants"]]
-    assert labels == ["fixed steps", "threshold 0.9", "threshold 0.5", "prefix cache", "threshold 0.9 + prefix cache"]
+    assert labels == ["fixed steps", "threshold 0.9", "threshold 0.5", "prefix cache", "dual cache",
+                      "threshold 0.9 + prefix cache", "threshold 0.9 + dual cache"]
+    variants = {v["label"]: v for v in results["variants"]}
+    computed = {label: v["computed_positions_per_token"] for label, v in variants.items()}
+    assert computed["dual cache"] < computed["prefix cache"] < computed["fixed steps"]
     assert all("delta_nll_vs_baseline" in v for v in results["variants"][1:])
     assert "offered load" in capsys.readouterr().out

@@ -79,6 +79,9 @@ def test_openai_client_completes_and_streams(app):
     completion = client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
                                            extra_body={"steps": 8})
     assert completion.usage.completion_tokens <= 8 and completion.choices[0].finish_reason in ("stop", "length")
+    cached = client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
+                                       extra_body={"steps": 8, "block_length": 4, "dual_cache": True})
+    assert cached.usage.completion_tokens <= 8 and cached.choices[0].finish_reason in ("stop", "length")
     chunks = list(client.completions.create(model="sinkserve", prompt="The function returns", max_tokens=8,
                                             stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -103,6 +106,7 @@ def test_forced_variant_is_served_by_that_variant(app):
     ({"model": "sinkserve", "prompt": "x", "max_tokens": 10**6}, "max_tokens"),
     ({"model": "sinkserve", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "sinkserve", "prompt": "x", "remasking": "nope"}, "remasking"),
+    ({"model": "sinkserve", "prompt": "x", "dual_cache": "maybe"}, "dual_cache"),
     ({"model": "sinkserve", "prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"model": "sinkserve", "prompt": "x", "n": 2}, "n"),
     ({"model": "sinkserve", "prompt": ""}, "prompt"),

@@ -7,6 +7,8 @@ again. Prompts of different lengths are left-padded and masked out, so a row
 decodes exactly as it would alone. With `prefix_cache`, Fast-dLLM's PrefixCache:
 only a block's first step is a full pass; later steps of the block recompute the
 block and what follows, attending to the keys/values kept from that first pass.
+With `dual_cache`, Fast-dLLM's DualCache: later steps recompute only the block,
+attending to the kept keys/values before it and after it.
 The step itself (`denoise_step`) is shared with the serving engine.
 """
 from __future__ import annotations
@@ -90,9 +92,10 @@ def denoise_step(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Step `step` of block [start, end) of `x`: returns `x` with the policy's commits.
-    `logits` cover positions `offset`.. of `x` (a prefix-cached pass computes only those);
-    `schedule` is the block's LLaDA schedule (see `llada_transfer_counts`)."""
-    view = x[:, offset:]
+    `logits` cover positions `offset` .. `offset + logits.shape[1]` of `x` (a cached pass
+    computes only those); `schedule` is the block's LLaDA schedule (see `llada_transfer_counts`)."""
+    span = logits.shape[1]
+    view = x[:, offset:offset + span]
     candidates = view == params.mask_id
     candidates[:, :start - offset] = False
     candidates[:, end - offset:] = False
@@ -100,7 +103,7 @@ def denoise_step(
     commit, tokens = select(params.remasking, logits, candidates, counts, params.temperature, params.threshold,
                             generator, origin_prob, params.mask_id)
     view = torch.where(commit, tokens, view)
-    return torch.cat([x[:, :offset], view], dim=1) if offset else view
+    return torch.cat([x[:, :offset], view, x[:, offset + span:]], dim=1)
 
 
 def block_done(x: torch.Tensor, start: int, end: int, step: int, params: DenoiseParams) -> bool:
@@ -126,6 +129,7 @@ def generate(
     mask_id: int | None = None,
     pad_id: int | None = None,
     prefix_cache: bool = False,
+    dual_cache: bool = False,
 ) -> Generation:
     """Decode `gen_length` tokens after each prompt.
 
@@ -133,14 +137,16 @@ def generate(
     `topk_margin`, `entropy`, `origin` (which also use Dream's timestep schedule).
     `threshold`: Fast-dLLM parallel decoding; each block then runs until it has
     no mask left, committing at least one token per step. `prefix_cache`:
-    Fast-dLLM's PrefixCache (an approximation; see the module docstring).
+    Fast-dLLM's PrefixCache; `dual_cache` (implies it): DualCache. Both are
+    approximations; see the module docstring.
     """
     if remasking not in POLICIES:
         raise ValueError(f"unknown remasking {remasking!r}; choose one of {', '.join(POLICIES)}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    prefix_cache = prefix_cache or dual_cache
     if prefix_cache and cfg_scale > 0:
-        raise ValueError("prefix_cache does not support classifier-free guidance (cfg_scale > 0)")
+        raise ValueError("prefix_cache and dual_cache do not support classifier-free guidance (cfg_scale > 0)")
     steps_per_block = validate_schedule(steps, gen_length, block_length)
     config = model.config
     mask_id = config.mask_token_id if mask_id is None else mask_id
@@ -163,14 +169,17 @@ def generate(
         start, end = width + block * block_length, width + (block + 1) * block_length
         schedule = llada_transfer_counts((x[:, start:end] == mask_id).sum(-1), steps_per_block)
         cut = prefix_cut(start, shifted)
-        step, prefix = 0, None
+        stop = end if dual_cache else x.shape[1]  # a cached pass computes [cut, stop)
+        step, prefix, suffix = 0, None, None
         while not block_done(x, start, end, step, params):
             if prefix is not None:
-                tail_mask = None if full_mask is None else full_mask[:, cut:]
-                logits, offset = model(x[:, cut:], attention_mask=tail_mask, prefix=prefix).logits, cut
+                span_mask = None if full_mask is None else full_mask[:, cut:stop]
+                logits = model(x[:, cut:stop], attention_mask=span_mask, prefix=prefix, suffix=suffix).logits
+                offset = cut
             elif prefix_cache:
                 out = model(x, attention_mask=full_mask, return_kv=True)
                 logits, offset, prefix = out.logits, 0, out.kv.crop(slice(None), 0, cut)
+                suffix = out.kv.crop(slice(None), stop, x.shape[1]) if dual_cache else None
             else:
                 logits, offset = model_logits(model, x, full_mask, prompt_mask, mask_id, cfg_scale), 0
             passes += 1

@@ -55,12 +55,14 @@ class LayerKV:
 
 @dataclass
 class KVSlot:
-    """One layer's link to a prefix cache during one forward pass: attention attends to
-    `past` (positions before this pass's own) and, if `keep`, leaves its own in `current`."""
+    """One layer's link to the caches during one forward pass: attention attends to
+    `past` (positions before this pass's own) and `future` (positions after them,
+    Fast-dLLM's DualCache) besides its own, and, if `keep`, leaves its own in `current`."""
 
     past: LayerKV | None = None
     keep: bool = False
     current: LayerKV | None = None
+    future: LayerKV | None = None
 
 
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -91,6 +93,7 @@ def make_attention_inputs(
     want_mass: bool = False,
     causal: bool = False,
     prefix_mask: torch.Tensor | None = None,
+    suffix_mask: torch.Tensor | None = None,
 ) -> AttentionInputs:
     """Positions and masks for one forward pass.
 
@@ -101,17 +104,22 @@ def make_attention_inputs(
 
     `prefix_mask` (batch, prefix) bool says which cached prefix positions are real:
     this pass's tokens then continue the prefix (their positions start after its
-    real tokens) and attend to its keys as well as their own.
+    real tokens) and attend to its keys as well as their own. `suffix_mask`
+    (batch, suffix) likewise for cached positions after this pass's (their keys
+    carry their own rotary phases already), which are attended last.
     """
-    if prefix_mask is not None:
+    if prefix_mask is not None or suffix_mask is not None:
         if causal:
-            raise ValueError("a prefix cache cannot be combined with causal attention")
+            raise ValueError("a prefix or suffix cache cannot be combined with causal attention")
         real = torch.ones((batch, seq), dtype=torch.bool, device=device) if attention_mask is None \
             else attention_mask.to(device=device, dtype=torch.bool)
-        prefix_mask = prefix_mask.to(device)
+        empty = real[:, :0]
+        prefix_mask = empty if prefix_mask is None else prefix_mask.to(device)
+        suffix_mask = empty if suffix_mask is None else suffix_mask.to(device)
         position_ids = prefix_mask.long().sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
         cos, sin = rotary_tables(position_ids.clamp(min=0), head_dim, theta, dtype)
-        return AttentionInputs(cos, sin, torch.cat([prefix_mask, real], -1)[:, None, None, :], real, want_mass)
+        key_mask = torch.cat([prefix_mask, real, suffix_mask], -1)[:, None, None, :]
+        return AttentionInputs(cos, sin, key_mask, real, want_mass)
     if attention_mask is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
         key_mask = query_mask = None
@@ -146,7 +154,7 @@ def attention(
     mass per key position: softmax probabilities summed over heads and real
     queries, shape (batch, keys). The default path is fused SDPA; the mass path
     materialises the probabilities and is only for analysis. `kv` exchanges
-    keys/values with a prefix cache (see `KVSlot`).
+    keys/values with the prefix and suffix caches (see `KVSlot`).
     """
     batch, seq, _ = x.shape
     head_dim = q_proj.out_features // num_heads  # any linear module, Sparse24Linear included
@@ -161,6 +169,9 @@ def attention(
         if kv.past is not None:
             k = torch.cat([kv.past.keys, k], dim=2)
             v = torch.cat([kv.past.values, v], dim=2)
+        if kv.future is not None:
+            k = torch.cat([k, kv.future.keys], dim=2)
+            v = torch.cat([v, kv.future.values], dim=2)
     if num_kv_heads != num_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)

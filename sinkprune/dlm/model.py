@@ -31,30 +31,42 @@ class KVCache:
 
     @staticmethod
     def left_pad(caches: list[KVCache | None]) -> KVCache:
-        """Stack one-row caches into a batch, left-padded to the longest (None: empty)."""
+        """Stack one-row caches into a batch, left-padded to the longest (None: empty).
+        For prefixes: their real positions must end where the pass begins."""
+        return KVCache._stack(caches, left=True)
+
+    @staticmethod
+    def right_pad(caches: list[KVCache | None]) -> KVCache:
+        """Stack one-row caches into a batch, right-padded to the longest (None: empty).
+        For suffixes: their real positions must start where the pass ends."""
+        return KVCache._stack(caches, left=False)
+
+    @staticmethod
+    def _stack(caches: list[KVCache | None], left: bool) -> KVCache:
         if len(caches) == 1 and caches[0] is not None:
             return caches[0]
         width = max(c.length for c in caches if c is not None)
         num_layers = len(next(c for c in caches if c is not None).layers)
 
         def stack(part, dim: int) -> torch.Tensor:
-            return _left_pad_rows([None if c is None else part(c) for c in caches], width, dim)
+            return _pad_rows([None if c is None else part(c) for c in caches], width, dim, left)
 
         layers = [LayerKV(stack(lambda c: c.layers[i].keys, 2), stack(lambda c: c.layers[i].values, 2))
                   for i in range(num_layers)]
         return KVCache(layers, stack(lambda c: c.mask, 1))
 
 
-def _left_pad_rows(rows: list[torch.Tensor | None], width: int, dim: int) -> torch.Tensor:
+def _pad_rows(rows: list[torch.Tensor | None], width: int, dim: int, left: bool) -> torch.Tensor:
     """Concatenate one-row tensors along the batch, zero-padded (False for masks) on
-    the left of their position dimension `dim` to `width` (None: all padding)."""
+    the left or right of their position dimension `dim` to `width` (None: all padding)."""
     like = next(r for r in rows if r is not None)
     padded = []
     for row in rows:
         row = like.narrow(dim, 0, 0) if row is None else row
         shape = list(row.shape)
         shape[dim] = width - shape[dim]
-        padded.append(torch.cat([row.new_zeros(shape), row], dim=dim))
+        pad = row.new_zeros(shape)
+        padded.append(torch.cat([pad, row] if left else [row, pad], dim=dim))
     return torch.cat(padded)
 
 
@@ -92,12 +104,13 @@ class DiffusionLM(nn.Module):
         want_mass: bool = False,
         causal: bool = False,
         prefix_mask: torch.Tensor | None = None,
+        suffix_mask: torch.Tensor | None = None,
     ) -> AttentionInputs:
         batch, seq = input_ids.shape
         param = self.embed_weight
         return make_attention_inputs(
             attention_mask, batch, seq, self.config.head_dim, self.config.rope_theta,
-            param.device, param.dtype, want_mass, causal, prefix_mask,
+            param.device, param.dtype, want_mass, causal, prefix_mask, suffix_mask,
         )
 
     @property
@@ -123,6 +136,7 @@ class DiffusionLM(nn.Module):
         causal: bool = False,
         prefix: KVCache | None = None,
         return_kv: bool = False,
+        suffix: KVCache | None = None,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
         makes a padded row give the same logits as that row alone. `causal=True`
@@ -132,11 +146,14 @@ class DiffusionLM(nn.Module):
         but not recomputed; the logits cover `input_ids` only. For a shifted model
         (Dream) the first real position of the pass has no predecessor in it and
         keeps its own logit, so callers start the pass one position early.
-        `return_kv` returns this pass's keys/values (to build such a prefix).
+        `suffix`: cached positions that follow `input_ids` (Fast-dLLM's DualCache),
+        attended to but not recomputed. `return_kv` returns this pass's keys/values
+        (to build such caches).
         """
         inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal,
-                                       None if prefix is None else prefix.mask)
-        slots = self._kv_slots(prefix, return_kv)
+                                       None if prefix is None else prefix.mask,
+                                       None if suffix is None else suffix.mask)
+        slots = self._kv_slots(prefix, suffix, return_kv)
         hidden = self.embed(input_ids)
         masses = []
         for block, slot in zip(self.blocks, slots):
@@ -149,8 +166,10 @@ class DiffusionLM(nn.Module):
             kv = KVCache([slot.current for slot in slots], real)
         return DLMOutput(self.logits_from_hidden(hidden, attention_mask), masses if output_attention_mass else None, kv)
 
-    def _kv_slots(self, prefix: KVCache | None, keep: bool) -> list[KVSlot | None]:
-        if prefix is None and not keep:
+    def _kv_slots(self, prefix: KVCache | None, suffix: KVCache | None, keep: bool) -> list[KVSlot | None]:
+        if prefix is None and suffix is None and not keep:
             return [None] * len(self.blocks)
-        past = prefix.layers if prefix is not None else [None] * len(self.blocks)
-        return [KVSlot(layer, keep) for layer in past]
+        none = [None] * len(self.blocks)
+        past = prefix.layers if prefix is not None else none
+        future = suffix.layers if suffix is not None else none
+        return [KVSlot(before, keep, future=after) for before, after in zip(past, future)]
