@@ -14,8 +14,9 @@ from sinkprune.dlm.layers import AttentionInputs, KVSlot, LayerKV, make_attentio
 @dataclass
 class KVCache:
     """Every layer's keys/values of a run of positions, and which of them are real
-    (False: left padding). A prefix-cached pass attends to these instead of
-    recomputing the positions they came from (Fast-dLLM's PrefixCache)."""
+    (False: padding). A cached pass attends to these instead of recomputing the
+    positions they came from: before it (Fast-dLLM's PrefixCache) or also after it
+    (DualCache)."""
 
     layers: list[LayerKV]
     mask: torch.Tensor  # (batch, positions) bool
