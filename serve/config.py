@@ -17,6 +17,8 @@ class EngineConfig:
       for the next pass, oldest-served first.
     - `prefix_cache`, `dual_cache`: defaults for requests that do not choose
       (Fast-dLLM's PrefixCache and DualCache; the dual cache implies the prefix cache).
+    - `stop_token_ids`: default for requests that do not choose: token ids that end
+      a completion as EOS does (an instruct model's end-of-turn token, say).
     """
 
     max_num_seqs: int = 8
@@ -25,8 +27,10 @@ class EngineConfig:
     max_padding_ratio: float = 2.0
     prefix_cache: bool = False
     dual_cache: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # YAML and JSON give lists
         for name in ("max_num_seqs", "max_tokens_per_step", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")

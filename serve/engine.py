@@ -110,7 +110,7 @@ class DLMEngine:
         (invalid, naming the field) or `EngineOverloaded` (queue full, with retry_after)."""
         self._bind_loop()
         prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
-                           self.config.dual_cache)
+                           self.config.dual_cache, self.config.stop_token_ids)
         if prepared.request_id in self._requests:
             raise RequestError("request_id", f"{prepared.request_id!r} is already in use")
         config = self.model.config

@@ -13,6 +13,7 @@ from sinkprune.dlm.prompt import encode_prompt
 
 DEFAULT_REMASKING = {LLADA: "low_confidence", DREAM: "maskgit_plus"}
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 8
 MAX_SEED = 2**63 - 1
 
 # finish reasons (OpenAI's "stop" covers both EOS and stop strings)
@@ -55,6 +56,8 @@ class GenerationRequest:
     threshold: float | None = None  # Fast-dLLM parallel decoding: commit every position at least this confident
     seed: int | None = None  # None: a random seed (reported in the output)
     stop: str | list[str] | None = None
+    # token ids that end the completion as EOS does (an instruct model's end-of-turn, say); None: the engine's
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     prefix_cache: bool | None = None  # None: the engine's default
     dual_cache: bool | None = None  # None: the engine's default; True implies the prefix cache
@@ -75,6 +78,7 @@ class PreparedRequest:
     threshold: float | None
     seed: int
     stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
     ignore_eos: bool
     prefix_cache: bool
     dual_cache: bool
@@ -117,8 +121,20 @@ def _stop_strings(stop) -> tuple[str, ...]:
     return tuple(strings)
 
 
+def _stop_token_ids(ids, config: DLMConfig, default: tuple[int, ...]) -> tuple[int, ...]:
+    if ids is None:
+        return default
+    if not isinstance(ids, (list, tuple)) or len(ids) > MAX_STOP_TOKEN_IDS:
+        raise RequestError("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
+    ids = tuple(_integer("stop_token_ids", token, 0) for token in ids)
+    if any(token >= config.vocab_size for token in ids):
+        raise RequestError("stop_token_ids", f"token ids must be below the vocabulary size {config.vocab_size}")
+    return ids
+
+
 def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length: int,
-            prefix_cache_default: bool = False, dual_cache_default: bool = False) -> PreparedRequest:
+            prefix_cache_default: bool = False, dual_cache_default: bool = False,
+            stop_token_ids_default: tuple[int, ...] = ()) -> PreparedRequest:
     """Validate `request` and resolve its defaults; raises `RequestError` naming the field.
 
     `max_length` bounds prompt + max_tokens (what one sequence may occupy in a step).
@@ -164,6 +180,7 @@ def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length
         request_id=request_id, prompt_ids=prompt_ids, max_tokens=max_tokens, steps=steps,
         block_length=block_length, temperature=float(temperature), remasking=remasking,
         threshold=None if threshold is None else float(threshold), seed=seed, stop=_stop_strings(request.stop),
+        stop_token_ids=_stop_token_ids(request.stop_token_ids, config, stop_token_ids_default),
         ignore_eos=request.ignore_eos,
         prefix_cache=dual_cache or (prefix_cache_default if request.prefix_cache is None else request.prefix_cache),
         dual_cache=dual_cache,

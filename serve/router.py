@@ -76,8 +76,8 @@ async def _validation_error(_request: Request, err: RequestValidationError) -> J
 # Module-level helpers stay above the deployment class: Serve pickles the ingress class
 # with the globals it sees at decoration time.
 def _request_to_engine(body: CompletionRequest | GenerateRequest) -> dict:
-    fields = ("prompt", "max_tokens", "temperature", "seed", "stop", "steps", "block_length", "remasking",
-              "threshold", "prefix_cache", "dual_cache")
+    fields = ("prompt", "max_tokens", "temperature", "seed", "stop", "stop_token_ids", "steps", "block_length",
+              "remasking", "threshold", "prefix_cache", "dual_cache")
     return {name: getattr(body, name) for name in fields}
 
 

@@ -18,7 +18,7 @@ MAX_TOKENS_LIMIT = 4096
 
 
 class DLMKnobs(BaseModel):
-    """Denoising parameters; unset ones take the engine's defaults."""
+    """Denoising parameters and stop token ids; unset ones take the engine's defaults."""
 
     steps: int | None = Field(None, ge=1, description="denoising steps over the whole answer (default: max_tokens)")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size (default: max_tokens)")
@@ -27,6 +27,8 @@ class DLMKnobs(BaseModel):
     prefix_cache: bool | None = Field(None, description="reuse the committed prefix's K/V within a block")
     dual_cache: bool | None = Field(None, description="reuse the K/V before and after the block within a block "
                                                       "(Fast-dLLM DualCache; implies prefix_cache)")
+    stop_token_ids: list[int] | None = Field(None, max_length=8, description="token ids that end the completion "
+                                             "as EOS does (e.g. an end-of-turn token)")
 
 
 class CompletionRequest(DLMKnobs):

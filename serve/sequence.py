@@ -4,8 +4,8 @@ A sequence is `prompt + [MASK] * max_tokens`, decoded block by block exactly as
 `sinkprune.dlm.generate.generate` decodes that request alone: the same schedule,
 the same `denoise_step`, its own seeded generator. What the engine adds is
 bookkeeping: the prefix (and dual) cache of the current block, which committed tokens are
-new (for streaming), when the request is done (EOS, stop string, or no mask
-left), and usage.
+new (for streaming), when the request is done (EOS, a stop token id, a stop
+string, or no mask left), and usage.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class Sequence:
         self.request = request
         self.request_id = request.request_id
         self.prompt_length = len(request.prompt_ids)
-        self.eos_id = None if request.ignore_eos else eos_id
+        # what ends the completion: EOS (unless ignored) and the request's stop token ids
+        self.end_ids = set(request.stop_token_ids) | (set() if request.ignore_eos or eos_id is None else {eos_id})
         self.shift_logits = shift_logits
         self.params = DenoiseParams(request.remasking, request.temperature, request.threshold,
                                     request.steps // (request.max_tokens // request.block_length), mask_id)
@@ -128,8 +129,9 @@ class Sequence:
         done = len(self.committed)
         tail = self.x[0, self.prompt_length + done:].tolist()
         new = tail[:tail.index(self.params.mask_id)] if self.params.mask_id in tail else tail
-        if self.eos_id is not None and self.eos_id in new:
-            new = new[:new.index(self.eos_id)]
+        ends = [i for i, token in enumerate(new) if token in self.end_ids]
+        if ends:
+            new = new[:ends[0]]
             self.finish_reason = STOP
         elif done + len(new) == self.request.max_tokens:
             self.finish_reason = LENGTH

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -238,15 +239,29 @@ def test_stop_string_cuts_the_text_and_holds_back_partial_matches():
     assert "".join(e.text for e in events if e.type == TOKENS) == out.text
 
 
-async def _events(model, request):
-    engine = DLMEngine(model, CharTokenizer())
+async def _events(model, request, config: EngineConfig | None = None):
+    engine = DLMEngine(model, CharTokenizer(), config)
     events = [event async for event in engine.submit(request)]
     await engine.shutdown()
     return events
 
 
-async def _one(model, request):
-    return final(await _events(model, request))
+async def _one(model, request, config: EngineConfig | None = None):
+    return final(await _events(model, request, config))
+
+
+def test_stop_token_ids_end_the_completion_even_with_ignore_eos():
+    model = random_model("llada")
+    request = GenerationRequest([5, 6, 7], max_tokens=16, block_length=4, ignore_eos=True, seed=2)
+    unstopped = asyncio.run(_one(model, request)).token_ids
+    stop = unstopped[6]  # a token this model writes mid-answer (its first occurrence may be earlier)
+    expected = unstopped[:unstopped.index(stop)]
+    out = asyncio.run(_one(model, replace(request, stop_token_ids=[stop, 93])))
+    assert out.finish_reason == "stop" and out.token_ids == expected
+    # the same as an engine-wide default, which a request's own list (here empty) overrides
+    assert asyncio.run(_one(model, request, EngineConfig(stop_token_ids=[stop]))).token_ids == expected
+    assert asyncio.run(_one(model, replace(request, stop_token_ids=[]),
+                            EngineConfig(stop_token_ids=[stop]))).token_ids == unstopped
 
 
 def test_eos_finishes_early_with_the_tokens_before_it():
@@ -286,6 +301,8 @@ def test_incremental_text_holds_back_stop_prefixes_and_partial_characters():
     ("temperature", {"temperature": float("nan")}), ("remasking", {"remasking": "bogus"}),
     ("threshold", {"threshold": 0.0}), ("seed", {"seed": -1}), ("stop", {"stop": [""]}),
     ("prefix_cache", {"prefix_cache": "yes"}), ("dual_cache", {"dual_cache": 1}), ("max_tokens", {"max_tokens": True}),
+    ("stop_token_ids", {"stop_token_ids": [-1]}), ("stop_token_ids", {"stop_token_ids": [96]}),
+    ("stop_token_ids", {"stop_token_ids": 5}), ("stop_token_ids", {"stop_token_ids": list(range(9))}),
 ])
 def test_invalid_requests_name_the_field(field, change):
     engine = DLMEngine(random_model("llada"), None, EngineConfig(max_tokens_per_step=512))

@@ -107,6 +107,7 @@ def test_forced_variant_is_served_by_that_variant(app):
     ({"model": "sinkserve", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "sinkserve", "prompt": "x", "remasking": "nope"}, "remasking"),
     ({"model": "sinkserve", "prompt": "x", "dual_cache": "maybe"}, "dual_cache"),
+    ({"model": "sinkserve", "prompt": "x", "stop_token_ids": [3, 10**9]}, "stop_token_ids"),
     ({"model": "sinkserve", "prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"model": "sinkserve", "prompt": "x", "n": 2}, "n"),
     ({"model": "sinkserve", "prompt": ""}, "prompt"),
