@@ -114,7 +114,7 @@ class DLMEngine:
         if prepared.request_id in self._requests:
             raise RequestError("request_id", f"{prepared.request_id!r} is already in use")
         config = self.model.config
-        seq = Sequence(prepared, config.mask_token_id, config.eos_token_id, self.model.shift_logits,
+        seq = Sequence(prepared, config.mask_token_id, config.eos_token_ids, self.model.shift_logits,
                        self.runner.device, self.tokenizer, time.perf_counter())
         self.scheduler.add(seq)
         stream = RequestStream(seq.request_id, self.abort)

@@ -34,13 +34,13 @@ class PassPlan:
 
 
 class Sequence:
-    def __init__(self, request: PreparedRequest, mask_id: int, eos_id: int | None, shift_logits: bool,
+    def __init__(self, request: PreparedRequest, mask_id: int, eos_ids: tuple[int, ...], shift_logits: bool,
                  device: torch.device, tokenizer, arrival_time: float):
         self.request = request
         self.request_id = request.request_id
         self.prompt_length = len(request.prompt_ids)
         # what ends the completion: EOS (unless ignored) and the request's stop token ids
-        self.end_ids = set(request.stop_token_ids) | (set() if request.ignore_eos or eos_id is None else {eos_id})
+        self.end_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(eos_ids))
         self.shift_logits = shift_logits
         self.params = DenoiseParams(request.remasking, request.temperature, request.threshold,
                                     request.steps // (request.max_tokens // request.block_length), mask_id)

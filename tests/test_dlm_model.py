@@ -64,6 +64,15 @@ def test_config_round_trip_keeps_native_keys(model_type):
     assert native_key in config.to_hf_config()
 
 
+def test_config_keeps_every_eos_id_of_a_list(model_type):
+    config = DLMConfig.from_hf_config({**tiny_hf_config(model_type), "eos_token_id": [1, 7]})
+    assert config.eos_token_id == 1 and config.eos_token_ids == (1, 7)
+    assert config.to_hf_config()["eos_token_id"] == [1, 7]
+    assert DLMConfig.from_hf_config(config.to_hf_config()) == config
+    single = DLMConfig.from_hf_config(tiny_hf_config(model_type))
+    assert single.eos_token_ids == (1,) and single.to_hf_config()["eos_token_id"] == 1
+
+
 @pytest.mark.parametrize("shard_bytes", [None, 40_000])
 def test_save_and_load_give_identical_logits(tmp_path, model_type, shard_bytes):
     model = random_model(model_type, dtype=torch.float32)

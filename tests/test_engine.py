@@ -250,6 +250,16 @@ async def _one(model, request, config: EngineConfig | None = None):
     return final(await _events(model, request, config))
 
 
+def test_every_eos_id_of_the_config_ends_the_completion():
+    model = random_model("llada")
+    request = GenerationRequest([5, 6, 7], max_tokens=16, block_length=4, seed=2)
+    plain = asyncio.run(_one(model, request)).token_ids
+    second_eos = plain[6]
+    model.config = replace(model.config, eos_token_ids=(EOS_ID, second_eos))
+    out = asyncio.run(_one(model, request))
+    assert out.finish_reason == "stop" and out.token_ids == plain[:plain.index(second_eos)]
+
+
 def test_stop_token_ids_end_the_completion_even_with_ignore_eos():
     model = random_model("llada")
     request = GenerationRequest([5, 6, 7], max_tokens=16, block_length=4, ignore_eos=True, seed=2)

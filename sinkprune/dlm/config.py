@@ -32,8 +32,10 @@ class DLMConfig:
     mask_token_id: int
     qkv_bias: bool
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the first when config.json lists several
     pad_token_id: int | None = None
+    # every id config.json gives as EOS (instruct checkpoints may list an end-of-turn token beside EOS)
+    eos_token_ids: tuple[int, ...] = ()
     # None: hidden_size // num_heads. Set explicitly once structured pruning has removed heads.
     explicit_head_dim: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -81,6 +83,13 @@ class DLMConfig:
             raise ConfigError(f"mask_token_id {self.mask_token_id} outside the vocabulary of {self.vocab_size}")
 
 
+def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
+    value = hf.get("eos_token_id")
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
 def _require(hf: dict[str, Any], key: str) -> Any:
     if key not in hf or hf[key] is None:
         raise ConfigError(f"config.json of a {hf.get('model_type')} model lacks {key!r}")
@@ -112,8 +121,9 @@ def _from_llada(hf: dict[str, Any]) -> DLMConfig:
         qkv_bias=False,
         explicit_head_dim=hf.get("head_dim"),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
+        eos_token_id=(_eos_ids(hf) or (None,))[0],
         pad_token_id=hf.get("pad_token_id"),
+        eos_token_ids=_eos_ids(hf),
         hf_config=dict(hf),
     )
 
@@ -137,8 +147,9 @@ def _from_dream(hf: dict[str, Any]) -> DLMConfig:
         qkv_bias=True,
         explicit_head_dim=hf.get("head_dim"),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
+        eos_token_id=(_eos_ids(hf) or (None,))[0],
         pad_token_id=hf.get("pad_token_id"),
+        eos_token_ids=_eos_ids(hf),
         hf_config=dict(hf),
     )
 
@@ -156,7 +167,8 @@ def _native_skeleton(config: DLMConfig) -> dict[str, Any]:
 def _native_values(config: DLMConfig) -> dict[str, Any]:
     common = {"rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps, "head_dim": config.explicit_head_dim,
               "mask_token_id": config.mask_token_id, "bos_token_id": config.bos_token_id,
-              "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+              "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_id,
+              "pad_token_id": config.pad_token_id}
     if config.model_type == LLADA:
         return {**common, "d_model": config.hidden_size, "n_heads": config.num_heads,
                 "n_kv_heads": config.num_kv_heads, "n_layers": config.num_layers,
