@@ -35,3 +35,14 @@ def test_cli_exits_2_with_a_message_on_bad_input(tmp_path):
                           "--block-length", "4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "multiple of block_length" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "sinkprune", "generate", "--prompt", "x", "--cache", "dual",
+                          "--cfg-scale", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--cfg-scale" in out.stderr
+
+
+def test_cli_generates_with_the_dual_cache():
+    out = subprocess.run([sys.executable, "-m", "sinkprune", "generate", "--prompt", "The file", "--steps", "8",
+                          "--gen-length", "16", "--block-length", "8", "--cache", "dual"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The file") and "[8 forward passes" in out.stdout

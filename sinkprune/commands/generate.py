@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remasking", choices=POLICIES, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold")
     p.add_argument("--cfg-scale", type=float, default=0.0)
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="Fast-dLLM's PrefixCache or DualCache (approximations; no --cfg-scale with them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's own")
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise UsageError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.cache != "none" and args.cfg_scale > 0:
+        raise UsageError(f"--cache {args.cache} does not support --cfg-scale > 0")
     try:
         model, tokenizer = load_model(args.model, device=args.device,
                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     out = generate(model, [prompt], steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    temperature=args.temperature, remasking=args.remasking, threshold=args.threshold,
-                   cfg_scale=args.cfg_scale, generator=torch.Generator(device=args.device).manual_seed(args.seed))
+                   cfg_scale=args.cfg_scale, generator=torch.Generator(device=args.device).manual_seed(args.seed),
+                   prefix_cache=args.cache == "prefix", dual_cache=args.cache == "dual")
     seconds = time.perf_counter() - began
     print(args.prompt + decode_completion(tokenizer, out.completions()[0].tolist(), model.config.eos_token_id))
     print(f"[{out.forward_passes} forward passes, {seconds:.2f} s]", flush=True)
