@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.decoding import POLICIES
-from sinkprune.dlm.prompt import encode_prompt
+from sinkprune.dlm.prompt import CHAT_ROLES, encode_chat, encode_prompt
 
 DEFAULT_REMASKING = {LLADA: "low_confidence", DREAM: "maskgit_plus"}
 MAX_STOP_STRINGS = 4
@@ -47,7 +47,7 @@ class EngineError(RuntimeError):
 class GenerationRequest:
     """One completion to generate. `None` means: the default stated beside it."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | None = None  # text or token ids; or give `messages`
     max_tokens: int = 64  # tokens to generate (LLaDA's gen_length)
     steps: int | None = None  # denoising steps over the whole answer; None: max_tokens (one token per step)
     block_length: int | None = None  # None: max_tokens (a single block)
@@ -62,6 +62,7 @@ class GenerationRequest:
     prefix_cache: bool | None = None  # None: the engine's default
     dual_cache: bool | None = None  # None: the engine's default; True implies the prefix cache
     request_id: str | None = None  # None: a random id
+    messages: list[dict[str, str]] | None = None  # a conversation ({role, content}), through the chat template
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,22 @@ def _integer(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise RequestError(name, f"must be >= {minimum}, got {value}")
     return value
+
+
+def _chat_ids(messages, tokenizer, config: DLMConfig) -> list[int]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RequestError("messages", "must be a non-empty list of {role, content} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES \
+                or not isinstance(message.get("content"), str):
+            raise RequestError("messages", f"message {i} must have a role among {', '.join(CHAT_ROLES)} and a "
+                                           f"text content, got {message!r}")
+    if tokenizer is None:
+        raise RequestError("messages", "this engine has no tokenizer to render a conversation")
+    try:
+        return encode_chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages], config)
+    except ValueError as err:
+        raise RequestError("messages", str(err)) from err
 
 
 def _prompt_ids(prompt, tokenizer, config: DLMConfig) -> list[int]:
@@ -141,7 +158,12 @@ def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length
     Beyond generate()'s own rules, `steps` may not exceed `max_tokens`: extra steps
     would commit nothing and only cost forward passes.
     """
-    prompt_ids = _prompt_ids(request.prompt, tokenizer, config)
+    if request.messages is not None and request.prompt is not None:
+        raise RequestError("messages", "give either a prompt or messages, not both")
+    prompt_ids = _prompt_ids(request.prompt, tokenizer, config) if request.messages is None \
+        else _chat_ids(request.messages, tokenizer, config)
+    if not prompt_ids:
+        raise RequestError("messages", "the conversation renders to no tokens")
     max_tokens = _integer("max_tokens", request.max_tokens, 1)
     if len(prompt_ids) + max_tokens > max_length:
         raise RequestError("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "

@@ -1,7 +1,8 @@
 """`ABRouter`: the HTTP ingress (FastAPI). It validates requests, assigns each to a
 variant (weighted, sticky per user, or forced by the `x-dlm-variant` header),
 forwards it to that variant's `ModelReplica`, falls back to another variant when
-one is down, and answers in OpenAI's completions format (SSE when streaming).
+one is down, and answers in OpenAI's completions or chat completions format (SSE
+when streaming).
 Every response names the variant that served it.
 
 (No `from __future__ import annotations` here: FastAPI must see the real body
@@ -25,6 +26,10 @@ from ray.serve.handle import DeploymentHandle
 from serve.metrics import RouterMetrics
 from serve.routing import Router, RoutingConfig
 from serve.schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -75,10 +80,33 @@ async def _validation_error(_request: Request, err: RequestValidationError) -> J
 
 # Module-level helpers stay above the deployment class: Serve pickles the ingress class
 # with the globals it sees at decoration time.
-def _request_to_engine(body: CompletionRequest | GenerateRequest) -> dict:
-    fields = ("prompt", "max_tokens", "temperature", "seed", "stop", "stop_token_ids", "steps", "block_length",
-              "remasking", "threshold", "prefix_cache", "dual_cache")
-    return {name: getattr(body, name) for name in fields}
+ENGINE_FIELDS = ("max_tokens", "temperature", "seed", "stop", "stop_token_ids", "steps", "block_length", "remasking",
+                 "threshold", "prefix_cache", "dual_cache")
+
+
+def _request_to_engine(body: CompletionRequest | ChatCompletionRequest | GenerateRequest) -> dict:
+    payload = {name: getattr(body, name) for name in ENGINE_FIELDS}
+    if isinstance(body, ChatCompletionRequest):
+        payload["messages"] = [message.model_dump() for message in body.messages]
+    else:
+        payload["prompt"] = body.prompt
+    return payload
+
+
+def _openai_response(body: CompletionRequest | ChatCompletionRequest, output: dict) -> dict:
+    finish, usage = output["finish_reason"], _usage(output)
+    if isinstance(body, ChatCompletionRequest):
+        choice = ChatChoice(message=ChatResponseMessage(content=output["text"]), finish_reason=finish)
+        return ChatCompletionResponse(model=body.model, choices=[choice], usage=usage).model_dump()
+    choice = CompletionChoice(text=output["text"], finish_reason=finish)
+    return CompletionResponse(model=body.model, choices=[choice], usage=usage).model_dump()
+
+
+def _stream_choice(body: CompletionRequest | ChatCompletionRequest, text: str, finish: str | None) -> dict:
+    """One streamed choice: `text` for completions, a `delta` for chat (OpenAI's chunk shapes)."""
+    if isinstance(body, ChatCompletionRequest):
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": None}
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
 
 async def _prepend(first: dict, events):
@@ -183,6 +211,14 @@ class ABRouter:
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, body: CompletionRequest, request: Request):
+        return await self._openai(body, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        return await self._openai(body, request)
+
+    async def _openai(self, body: CompletionRequest | ChatCompletionRequest, request: Request):
+        """Both OpenAI endpoints: assign, forward (falling back unless forced), shadow, answer or stream."""
         self._check_auth(request)
         self._check_model(body.model)
         variant, _ = self._assign(request, body.model, body.user)
@@ -203,9 +239,7 @@ class ABRouter:
             output = await self._last(first, events)
         except HTTPError as err:
             return err.response(variant)
-        response = CompletionResponse(model=body.model, choices=[CompletionChoice(
-            text=output["text"], finish_reason=output["finish_reason"])], usage=_usage(output))
-        return JSONResponse(response.model_dump(), headers=headers)
+        return JSONResponse(_openai_response(body, output), headers=headers)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):
@@ -261,16 +295,24 @@ class ABRouter:
             raise HTTPError(status, last.get("message") or "the variant stopped answering", last.get("kind", "error"))
         return last["output"]
 
-    async def _sse(self, body: CompletionRequest, first: dict, events):
-        """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE]."""
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    async def _sse(self, body: CompletionRequest | ChatCompletionRequest, first: dict, events):
+        """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE].
+        Chat streams open with the assistant's role and carry `delta`s."""
+        chat = isinstance(body, ChatCompletionRequest)
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        kind, created = "chat.completion.chunk" if chat else "text_completion", int(time.time())
 
-        def chunk(text: str, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
-            data = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}] if choices else [],
-                    "usage": usage}
+        def chunk(text: str, finish: str | None = None, usage: dict | None = None, choices: bool = True,
+                  role: bool = False) -> str:
+            choice = _stream_choice(body, text, finish)
+            if role:
+                choice["delta"]["role"] = "assistant"
+            data = {"id": cid, "object": kind, "created": created, "model": body.model,
+                    "choices": [choice] if choices else [], "usage": usage}
             return f"data: {json.dumps(data)}\n\n"
 
+        if chat:
+            yield chunk("", role=True)
         async for event in _prepend(first, events):
             if event["type"] == "finished":
                 output = event["output"]

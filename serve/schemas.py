@@ -1,7 +1,7 @@
 """HTTP request and response bodies (pydantic; they make the OpenAPI schema at /docs).
 
-`/v1/completions` follows OpenAI's completions API, plus the DLM knobs as
-optional extra fields. Unknown fields are refused with an error naming them,
+`/v1/completions` and `/v1/chat/completions` follow OpenAI's APIs, plus the DLM
+knobs as optional extra fields. Unknown fields are refused with an error naming them,
 and OpenAI parameters we cannot honour are accepted only at their neutral value.
 """
 from __future__ import annotations
@@ -31,11 +31,12 @@ class DLMKnobs(BaseModel):
                                              "as EOS does (e.g. an end-of-turn token)")
 
 
-class CompletionRequest(DLMKnobs):
+class OpenAIRequest(DLMKnobs):
+    """What OpenAI's completions and chat completions requests share."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    prompt: str | list[int] = Field(..., description="text, or token ids")
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=0)
@@ -47,8 +48,16 @@ class CompletionRequest(DLMKnobs):
     top_p: float = Field(1.0, ge=1.0, le=1.0, description="accepted only at 1.0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only at 0")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only at 0")
-    echo: bool = Field(False, description="accepted only as false")
     logprobs: None = Field(None, description="not supported")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    echo: bool = Field(False, description="accepted only as false")
 
     @field_validator("prompt")
     @classmethod
@@ -64,9 +73,18 @@ class CompletionRequest(DLMKnobs):
             raise ValueError("echo is not supported")
         return value
 
-    @property
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI's chat completions: the conversation goes through the model's chat template."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
 
 
 class GenerateRequest(DLMKnobs):
@@ -102,6 +120,27 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
 
 

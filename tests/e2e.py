@@ -13,13 +13,20 @@ from pathlib import Path
 from serve.local import free_port
 
 
+# A plain-text chat format: the embedded model is a base model and ships none; the artifact gets this one so
+# that /v1/chat/completions can be served end to end (the dense variant, without it, must refuse chat).
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def make_dense_and_pruned(root: Path) -> tuple[str, str]:
-    """The embedded model and a 2:4 artifact of it (magnitude: no calibration, quick)."""
+    """The embedded model and a 2:4 artifact of it (magnitude: no calibration, quick) with a chat template."""
     from sinkprune.artifact import write_artifact
     from sinkprune.dlm.loading import load_model
     from sinkprune.prune import PruneSettings, prune_model
 
     model, tokenizer = load_model("embedded")
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     prune_model(model, PruneSettings("magnitude", "2:4"))
     pruned = write_artifact(model, root / "pruned", tokenizer, {"method": "magnitude", "pattern": "2:4"})
     return "embedded", str(pruned)

@@ -260,6 +260,39 @@ def test_every_eos_id_of_the_config_ends_the_completion():
     assert out.finish_reason == "stop" and out.token_ids == plain[:plain.index(second_eos)]
 
 
+def test_messages_render_through_the_chat_template():
+    from serve.bench_engine import random_tiny_model
+    from sinkprune.dlm.loading import embedded_model_dir, load_tokenizer
+    from sinkprune.dlm.prompt import encode_chat
+    from tests.e2e import PLAIN_CHAT_TEMPLATE
+
+    model, tokenizer = random_tiny_model("cpu", torch.float32), load_tokenizer(embedded_model_dir())
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a file."}]
+
+    async def run(request, tok):
+        engine = DLMEngine(model, tok)
+        try:
+            return final([event async for event in engine.submit(request)])
+        finally:
+            await engine.shutdown()
+
+    with pytest.raises(RequestError, match="no chat template") as refused:
+        asyncio.run(run(GenerationRequest(messages=messages, max_tokens=4), tokenizer))
+    assert refused.value.field == "messages"
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    ids = encode_chat(tokenizer, messages, model.config)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "system: Be brief.\nuser: Name a file.\nassistant:"
+    assert ids[0] == model.config.bos_token_id  # LLaDA sequences start with BOS
+    chat = asyncio.run(run(GenerationRequest(messages=messages, max_tokens=8, seed=3), tokenizer))
+    plain = asyncio.run(run(GenerationRequest(ids, max_tokens=8, seed=3), tokenizer))
+    assert chat.token_ids == plain.token_ids and chat.usage.prompt_tokens == len(ids)
+    for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user"}]):
+        with pytest.raises(RequestError, match="messages"):
+            asyncio.run(run(GenerationRequest(messages=bad), tokenizer))
+    with pytest.raises(RequestError, match="either a prompt or messages"):
+        asyncio.run(run(GenerationRequest("x", messages=messages), tokenizer))
+
+
 def test_stop_token_ids_end_the_completion_even_with_ignore_eos():
     model = random_model("llada")
     request = GenerationRequest([5, 6, 7], max_tokens=16, block_length=4, ignore_eos=True, seed=2)

@@ -89,6 +89,27 @@ def test_openai_client_completes_and_streams(app):
     assert text.strip() or chunks[-1].usage.completion_tokens >= 1
 
 
+def test_openai_chat_completions_use_the_chat_template(app):
+    import openai
+
+    client = openai.OpenAI(base_url=app.base_url + "/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a file?"}]
+    chat = client.chat.completions.create(model="sinkserve:pruned", messages=messages, max_tokens=8,
+                                          extra_body={"steps": 8})
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length") and 1 <= chat.usage.completion_tokens <= 8
+    assert chat.usage.prompt_tokens > 10  # the rendered conversation, not just the last message
+    chunks = list(client.chat.completions.create(model="sinkserve:pruned", messages=messages, max_tokens=8,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    # the dense variant's tokenizer has no chat template: a clear 400 naming `messages`
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="sinkserve:dense", messages=messages, max_tokens=8)
+    assert "chat template" in str(refused.value) and refused.value.body["param"] == "messages"
+
+
 def test_forced_variant_is_served_by_that_variant(app):
     base_url = app.base_url
     for variant in ("dense", "pruned", "pruned", "dense"):
@@ -122,6 +143,18 @@ def test_malformed_requests_get_4xx_naming_the_field(app, body, param):
     error = json.loads(text)["error"]
     if param:
         assert error["param"] == param or param in error["message"], error
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "sinkserve", "messages": []}, "messages"),
+    ({"model": "sinkserve", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "sinkserve", "messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"model": "sinkserve", "prompt": "x", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+])
+def test_malformed_chat_requests_get_400_naming_the_field(app, body, param):
+    status, _, text = post(app.base_url, {**body, **SMALL}, path="/v1/chat/completions")
+    assert status == 400, text
+    assert json.loads(text)["error"]["param"] == param
 
 
 def test_unknown_variant_header_is_a_400(app):
