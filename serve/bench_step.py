@@ -1,8 +1,10 @@
 """`python -m serve.bench_step`: one denoising step of a 2:4-pruned model, dense kernels against sparse ones.
 
 A DLM step is a full bidirectional forward over batch x seq tokens, so every
-linear layer sees M = batch * seq rows. This measures what the A/B cost claim rests
-on: the same 2:4 weights (magnitude-pruned, every linear of the blocks) run as dense
+linear layer sees M = batch * seq rows; with the engine's dual cache, a block's
+later steps compute only the block (M = batch * block: the memory-bound regime),
+attending to cached keys before and after it. Both kinds of step are timed. This
+measures what the A/B cost claim rests on: the same 2:4 weights (magnitude-pruned, every linear of the blocks) run as dense
 `F.linear` (what the dense replica pays per step) and through each sparse backend
 (`Sparse24Linear`, swapped in as the pruned replica does), per (batch, seq), timed
 with CUDA events after warm-up (median). It also checks each backend's logits
@@ -47,13 +49,25 @@ BASELINE = "baseline: nn.Linear"
 
 @dataclass
 class StepRow:
+    """One timed step: a full pass over `seq` positions, or (`block` set) a dual-cached pass over `block` of them."""
+
     backend: str
     batch: int
     seq: int
+    block: int | None = None
     ms: float | None = None
-    tokens_per_s: float | None = None
+    positions_per_s: float | None = None
     speedup: float | None = None
     skipped: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.block is None else f"dual cache, block {self.block}"
+
+    @property
+    def rows(self) -> int:
+        """M: the rows every linear layer multiplies in this step."""
+        return self.batch * (self.seq if self.block is None else self.block)
 
 
 @dataclass
@@ -116,26 +130,40 @@ def _tokens(config: DLMConfig, batch: int, seq: int, device: torch.device, seed:
     return ids.to(device)
 
 
+def _step(model: DiffusionLM, ids: torch.Tensor, block: int | None):
+    """The pass to time: the full sequence, or a middle block against caches of the rest (the engine's dual cache)."""
+    if block is None:
+        return lambda: model(ids)
+    cut, seq = (ids.shape[1] - block) // 2, ids.shape[1]
+    kv = model(ids, return_kv=True).kv
+    prefix, suffix = kv.crop(slice(None), 0, cut), kv.crop(slice(None), cut + block, seq)
+    span = ids[:, cut:cut + block]
+    return lambda: model(span, prefix=prefix, suffix=suffix)
+
+
 def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list[int], seqs: list[int],
-        warmup: int, reps: int, seed: int) -> tuple[list[StepRow], list[BackendCheck]]:
+        block: int | None, warmup: int, reps: int, seed: int) -> tuple[list[StepRow], list[BackendCheck]]:
     """Dense first (the baseline), then each backend swapped in: check its logits, then time every shape."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     timer = time_cuda if device.type == "cuda" else time_cpu
-    shapes = [(b, s) for b in batches for s in seqs]
+    shapes = [(b, s, None) for b in batches for s in seqs]
+    shapes += [(b, s, block) for b in batches for s in seqs if block and s > block]
     probe = _tokens(model.config, 1, min(seqs), device, seed)
     rows: list[StepRow] = []
     checks: list[BackendCheck] = []
-    dense_ms: dict[tuple[int, int], float] = {}
+    dense_ms: dict[tuple[int, int, int | None], float] = {}
     progress = tqdm(total=len(shapes) * (1 + len(backends)), desc="steps", unit="shape", file=sys.stderr)
 
     def time_shapes(label: str) -> None:
-        for batch, seq in shapes:
-            ids = _tokens(model.config, batch, seq, device, seed)
-            ms = timer(lambda: model(ids), warmup, reps) * 1e3
-            dense_ms.setdefault((batch, seq), ms)
-            rows.append(StepRow(label, batch, seq, ms, batch * seq / ms * 1e3, dense_ms[(batch, seq)] / ms))
+        for shape in shapes:
+            row = StepRow(label, *shape)
+            row.ms = timer(_step(model, _tokens(model.config, row.batch, row.seq, device, seed), row.block),
+                           warmup, reps) * 1e3
+            row.positions_per_s = row.rows / row.ms * 1e3
+            row.speedup = dense_ms.setdefault(shape, row.ms) / row.ms
+            rows.append(row)
             progress.update()
 
     with torch.inference_mode():
@@ -150,19 +178,19 @@ def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list
                     time_shapes(backend)
             except BackendUnavailable as error:
                 checks.append(BackendCheck(backend, skipped=str(error)))
-                rows.extend(StepRow(backend, b, s, skipped=str(error)) for b, s in shapes)
+                rows.extend(StepRow(backend, *shape, skipped=str(error)) for shape in shapes)
                 progress.update(len(shapes))
     progress.close()
     return rows, checks
 
 
 def markdown(rows: list[StepRow], checks: list[BackendCheck], dense_bytes: int) -> str:
-    lines = ["| backend | batch | seq | M = batch x seq | ms / step | tokens / s | speedup vs dense |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| backend | step | batch | seq | M (rows per linear) | ms / step | positions / s | speedup vs dense |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         timing = (f"skipped: {r.skipped} | | " if r.skipped else
-                  f"{r.ms:.3f} | {r.tokens_per_s:,.0f} | {r.speedup:.2f}x")
-        lines.append(f"| {r.backend} | {r.batch} | {r.seq} | {r.batch * r.seq} | {timing} |")
+                  f"{r.ms:.3f} | {r.positions_per_s:,.0f} | {r.speedup:.2f}x")
+        lines.append(f"| {r.backend} | {r.kind} | {r.batch} | {r.seq} | {r.rows} | {timing} |")
     lines += ["", "| backend | max rel. logits error vs dense | swapped layers' memory / dense weights |",
               "| --- | ---: | ---: |"]
     for c in checks:
@@ -173,22 +201,23 @@ def markdown(rows: list[StepRow], checks: list[BackendCheck], dense_bytes: int) 
 
 
 def plot(rows: list[StepRow], path: Path, title: str) -> None:
-    """Speedup over dense against M, one line per backend and sequence length."""
+    """Speedup over dense against M, one line per backend, kind of step and sequence length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (backend, seq) in sorted({(r.backend, r.seq) for r in rows if r.speedup is not None and r.backend != BASELINE}):
-        points = sorted((r.batch * r.seq, r.speedup) for r in rows
-                        if (r.backend, r.seq) == (backend, seq) and r.speedup is not None)
-        ax.plot(*zip(*points), marker="o", label=f"{backend}, seq {seq}")
+    timed = [r for r in rows if r.speedup is not None and r.backend != BASELINE]
+    for backend, kind, seq in sorted({(r.backend, r.kind, r.seq) for r in timed}):
+        points = sorted((r.rows, r.speedup) for r in timed if (r.backend, r.kind, r.seq) == (backend, kind, seq))
+        ax.plot(*zip(*points), marker="o" if kind == "full" else "s", linestyle="-" if kind == "full" else "--",
+                label=f"{backend}, {kind}, seq {seq}")
     ax.axhline(1.0, color="grey", linewidth=0.8, label="dense (nn.Linear)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set(xlabel="M = batch x seq (rows per linear)", ylabel="step speedup over dense", title=title)
+    ax.set(xlabel="M (rows per linear)", ylabel="step speedup over dense", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +249,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "default: every CUDA backend and auto on CUDA, dense on CPU")
     parser.add_argument("--batch", type=_ints, default=None, help="default: 1,4,16 on CUDA, 1,2 on CPU")
     parser.add_argument("--seq", type=_ints, default=None, help="default: 32,256,1024 on CUDA, 16,64 on CPU")
+    parser.add_argument("--block", type=int, default=None,
+                        help="also time dual-cached steps over a block of this many positions (0: none; "
+                             "default 32 on CUDA, 8 on CPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -232,12 +264,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--backends: unknown {', '.join(unknown)}; choose among {', '.join(BACKENDS + (AUTO,))}")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
+    if args.block is not None and args.block < 0:
+        parser.error("--block must be 0 (no cached steps) or positive")
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     args.backends = args.backends or (["triton", "cusparselt", "cutlass", AUTO] if cuda else ["dense"])
     args.batch = args.batch or ([1, 4, 16] if cuda else [1, 2])
     args.seq = args.seq or ([32, 256, 1024] if cuda else [16, 64])
+    args.block = (32 if cuda else 8) if args.block is None else args.block
     args.plot = args.plot or args.out.with_suffix(".png")
     return args
 
@@ -248,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build(args.model, args.layers, device, args.dtype, args.seed)
     names = prune_24(model)
     dense_bytes = sum(model.get_submodule(n).weight.nbytes for n in names)
-    rows, checks = run(model, names, args.backends, args.batch, args.seq, args.warmup, args.reps, args.seed)
+    rows, checks = run(model, names, args.backends, args.batch, args.seq, args.block, args.warmup, args.reps,
+                       args.seed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {"device": device_name, "model": args.model, "layers": len(model.blocks),
               "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__,

@@ -49,19 +49,21 @@ def test_preset_keeps_the_public_shapes_with_fewer_layers():
 
 @pytest.mark.slow
 def test_cpu_run_reports_every_backend(tmp_path):
-    result = bench(tmp_path, "--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "8", "--warmup", "1",
-                   "--reps", "1", "--backends", "dense,triton,cusparselt,auto", interpret=True)
+    result = bench(tmp_path, "--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "12", "--block", "4",
+                   "--warmup", "1", "--reps", "1", "--backends", "dense,triton,cusparselt,auto", interpret=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "step.json").read_text())
     assert (tmp_path / "step.png").stat().st_size > 0
     assert report["sparse_layers"] == 7 and report["layers"] == 1
-    assert [r["backend"] for r in report["rows"]] == [BASELINE, "dense", "triton", "cusparselt", "auto"]
+    backends = [BASELINE, "dense", "triton", "cusparselt", "auto"]
+    assert [(r["backend"], r["block"]) for r in report["rows"]] == [(b, k) for b in backends for k in (None, 4)]
     checks = {c["backend"]: c for c in report["checks"]}
     assert checks["dense"]["max_rel_err"] == 0 and checks["auto"]["max_rel_err"] == 0
     assert 0 < checks["triton"]["max_rel_err"] < 1e-4  # fp32 through our kernel, a different summation order
     assert "CUDA" in checks["cusparselt"]["skipped"]
     assert all(r["ms"] > 0 for r in report["rows"] if r["skipped"] is None)
-    assert "| triton | 1 | 8 | 8 |" in result.stdout
+    assert "| triton | full | 1 | 12 | 12 |" in result.stdout and "| triton | dual cache, block 4 | 1 | 12 | 4 |" \
+        in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,6 +71,7 @@ def test_cpu_run_reports_every_backend(tmp_path):
     (["--batch", "0"], "at least 1"),
     (["--seq", "8,x"], "comma-separated positive integers"),
     (["--layers", "0"], "--layers must be at least 1"),
+    (["--block", "-1"], "--block must be 0"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(tmp_path, args, message):
     result = bench(tmp_path, *args)
