@@ -110,7 +110,7 @@ def _put(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def swapped(model: DiffusionLM, names: list[str], backend: str) -> Iterator[None]:
-    """The pruned linears replaced by `Sparse24Linear` on `backend` (None: the dispatch plan), then put back."""
+    """The pruned linears replaced by `Sparse24Linear` on `backend` (`auto`: the dispatch plan), then put back."""
     originals = {name: model.get_submodule(name) for name in names}
     wanted = set(names)
     try:
