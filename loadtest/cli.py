@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: evaluation text)")
     p.add_argument("--variant", default=None, help="force a variant (x-dlm-variant header); default: the A/B router")
     p.add_argument("--users", type=int, default=64, help="distinct user ids cycled through (sticky assignment)")
+    p.add_argument("--chat", action="store_true",
+                   help="load /v1/chat/completions (each prompt as one user message) instead of /v1/completions")
     p.add_argument("--extra", default=None, help="JSON merged into every request body, e.g. '{\"steps\": 16}'")
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--api-key", default=None)
@@ -68,7 +70,7 @@ def validate(args) -> None:
 
 
 async def run(args) -> dict:
-    target = Target(args.base_url, args.model, args.api_key, args.timeout)
+    target = Target(args.base_url, args.model, args.api_key, args.timeout, chat=args.chat)
     extra = json.loads(args.extra) if args.extra else None
     prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
     out = Path(args.out_dir)

@@ -44,6 +44,7 @@ class Target:
     model: str
     api_key: str | None = None
     timeout_s: float = 120.0
+    chat: bool = False  # /v1/chat/completions with the prompt as one user message, else /v1/completions
 
 
 async def send_completion(session: aiohttp.ClientSession, target: Target, record: RequestRecord, prompt: str,
@@ -56,14 +57,19 @@ async def send_completion(session: aiohttp.ClientSession, target: Target, record
         headers[USER_HEADER] = record.user
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"
-    body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+    body = {"model": target.model, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": 0.0, **(extra or {})}
+    if target.chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if target.chat else "/v1/completions"
     if record.user:
         body["user"] = record.user
     began = time.perf_counter()
     record.sent_at = began - run_start
     try:
-        async with session.post(target.base_url.rstrip("/") + "/v1/completions", json=body, headers=headers,
+        async with session.post(target.base_url.rstrip("/") + path, json=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=target.timeout_s)) as response:
             record.http_status = response.status
             record.variant = response.headers.get(VARIANT_HEADER)
@@ -97,7 +103,8 @@ async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, 
         if "error" in chunk:
             record.error_kind = f"stream_{chunk['error'].get('type', 'error')}"
             return
-        text = "".join(choice.get("text", "") for choice in chunk.get("choices", []))
+        text = "".join(choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                       for choice in chunk.get("choices", []))
         if text and record.ttft_s is None:
             record.ttft_s = time.perf_counter() - began
         pieces.append(text)

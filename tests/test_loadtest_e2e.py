@@ -18,11 +18,11 @@ def _server(app, status: str) -> dict[str, float]:
     return {json.loads(k).get("variant"): v for k, v in app.query(promql).items()}
 
 
-def _run(app, tmp_path, name: str, extra: dict) -> dict:
+def _run(app, tmp_path, name: str, extra: dict, *options: str, requests: int = 24) -> dict:
     out = tmp_path / name
-    code = loadtest_main(["--base-url", app.base_url, "--concurrencies", "4", "--num-requests", "24",
+    code = loadtest_main(["--base-url", app.base_url, "--concurrencies", "4", "--num-requests", str(requests),
                           "--max-tokens", "4", "--max-seconds", "300", "--extra", json.dumps(extra),
-                          "--out-dir", str(out), "--quiet"])
+                          "--out-dir", str(out), "--quiet", *options])
     assert code == 0
     return json.loads((out / "summary.json").read_text())["phases"][0]["summary"]
 
@@ -43,3 +43,12 @@ def test_client_counts_equal_server_counts_including_failures(app, tmp_path):
                f"server ok counts {expected_ok}")
     wait_until(lambda: all(_server(app, "invalid").get(v, 0) == expected_invalid[v] for v in variants), 120,
                f"server invalid counts {expected_invalid}")
+
+
+def test_chat_load_reads_streamed_deltas(app, tmp_path):
+    # the pruned artifact of the e2e fixture has a chat template, the embedded (dense) model none
+    chat = _run(app, tmp_path, "chat", {"steps": 4}, "--chat", "--variant", "pruned", requests=8)
+    assert chat["all"]["completed"] == 8 and chat["all"]["failed"] == 0
+    assert chat["pruned"]["total_output_tokens"] > 0 and chat["pruned"]["total_input_tokens"] > 8 * 5
+    refused = _run(app, tmp_path, "chat-dense", {"steps": 4}, "--chat", "--variant", "dense", requests=4)
+    assert refused["all"]["failed"] == 4 and refused["all"]["errors"] == {"http_400": 4}
