@@ -34,6 +34,8 @@ class ReplicaMetrics:
         self.denoising_steps = Counter(PREFIX + "denoising_steps", "Denoising steps run, summed over requests",
                                        tag_keys=keys)
         self.forward_passes = Counter(PREFIX + "forward_passes", "Batched forward passes of the engine", tag_keys=keys)
+        self.computed_positions = Counter(PREFIX + "computed_positions", "Positions the model computed, padding "
+                                          "included (the prefix and dual caches lower it)", tag_keys=keys)
         self.step_latency = Histogram(PREFIX + "step_latency_seconds", "Latency of one batched denoising step",
                                       boundaries=STEP_BUCKETS, tag_keys=keys)
         self.batch_size = Histogram(PREFIX + "batch_size", "Sequences in one batched step",
@@ -57,8 +59,9 @@ class ReplicaMetrics:
             if value > 0:  # Ray counters refuse zero increments
                 counter.inc(value, tags=self.tags)
 
-    def step_finished(self, batch_size: int, seconds: float, waiting: int, running: int) -> None:
+    def step_finished(self, batch_size: int, seconds: float, waiting: int, running: int, positions: int) -> None:
         self.forward_passes.inc(1, tags=self.tags)
+        self.computed_positions.inc(positions, tags=self.tags)
         self.step_latency.observe(seconds, tags=self.tags)
         self.batch_size.observe(batch_size, tags=self.tags)
         self.waiting.set(waiting, tags=self.tags)

@@ -67,7 +67,8 @@ class ModelReplica:
         return swap_sparse_linears(model, backend=backend, skip_dense=True)
 
     def _on_step(self, stats: StepStats) -> None:
-        self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running)
+        self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running,
+                                   stats.query_tokens)
 
     async def stream(self, request: dict) -> AsyncIterator[dict]:
         """Events of one request: `tokens` chunks, then `finished` with the output (or one `error`)."""

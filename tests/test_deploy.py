@@ -39,6 +39,7 @@ EXPORTED = {
     "ray_sinkserve_prompt_tokens_total": "counter",
     "ray_sinkserve_denoising_steps_total": "counter",
     "ray_sinkserve_forward_passes_total": "counter",
+    "ray_sinkserve_computed_positions_total": "counter",
     "ray_sinkserve_step_latency_seconds": "histogram",
     "ray_sinkserve_batch_size": "histogram",
     "ray_sinkserve_num_requests_waiting": "gauge",
