@@ -41,7 +41,7 @@ class StepStats:
     iteration: int
     request_ids: list[str]
     query_tokens: int  # positions computed, padding included
-    prefix_tokens: int  # cached positions attended to, padding included
+    cached_tokens: int  # cached positions attended to (prefix and suffix caches), padding included
     cached_rows: int
     started: float
     duration_s: float
@@ -218,7 +218,7 @@ class DLMEngine:
                 if seq.finished:
                     self._finish(seq)
                     finished += 1
-            stats = StepStats(iteration, [s.request_id for s in batch], result.query_tokens, result.prefix_tokens,
+            stats = StepStats(iteration, [s.request_id for s in batch], result.query_tokens, result.cached_tokens,
                               result.cached_rows, result.started, result.finished - result.started,
                               self.num_waiting, self.num_running, finished)
             for listener in self.step_listeners:

@@ -21,7 +21,7 @@ from serve.sequence import Sequence
 class StepResult:
     events: list[list[StreamEvent]]  # per sequence of the batch, in order
     query_tokens: int  # positions computed, padding included (rows x longest row)
-    prefix_tokens: int  # cached positions attended to (prefix and suffix caches), padding included
+    cached_tokens: int  # cached positions attended to (prefix and suffix caches), padding included
     cached_rows: int  # rows that ran against a cache
     started: float
     finished: float  # after every sequence's step (events are stamped when the forward pass ended)
