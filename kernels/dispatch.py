@@ -2,7 +2,7 @@
 
 Order of precedence: an explicit `backend` argument, then the environment variable
 `SINKSERVE_SPARSE_BACKEND` (both force one backend for every M, and fail loudly if it
-cannot run), then the table the GPU benchmark writes (`python -m kernels.bench`),
+cannot run), then the table the GPU benchmark writes (`python -m benchmarks.bench_kernels`),
 then the default: CPU, or a dtype other than fp16/bf16 -> `dense`; CUDA fp16/bf16 -> `triton` for
 M <= 64 (memory-bound: fewer bytes read wins) and `cusparselt` above (compute-bound:
 sparse tensor cores win), each replaced by `dense` where it cannot run.

@@ -99,7 +99,7 @@ def _sparse24_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small-M tiles (memory-bound: wide K steps, narrow N for
 # more programs) and large-M tiles (compute-bound). Each compiles for sm_80 and sm_90 with no register spill and
-# within shared memory: `python -m kernels.compile_check` checks them without a GPU (tests/test_kernels_compile.py).
+# within shared memory: `python -m benchmarks.compile_check` checks them without a GPU (tests/test_kernels_compile.py).
 GPU_CONFIGS = (
     (16, 32, 128, 4, 4), (16, 64, 64, 8, 4), (16, 64, 128, 8, 4), (16, 32, 256, 8, 3), (16, 128, 64, 8, 3),
     (32, 64, 64, 4, 4), (32, 64, 128, 8, 3), (32, 128, 64, 8, 3),

@@ -41,11 +41,11 @@ for stage in "${stages[@]}"; do
         tests) run_stage tests "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
                    tests/test_kernels_triton.py tests/test_kernels_linear.py tests/test_kernels_swap.py \
                    tests/test_kernels_formats.py tests/test_bench_step.py ;;
-        compile) run_stage compile "$py" -m kernels.compile_check --out "$out/compile_check.json" ;;
-        bench) run_stage bench "$py" -m kernels.bench --out "$out/kernels_bench.json" \
+        compile) run_stage compile "$py" -m benchmarks.compile_check --out "$out/compile_check.json" ;;
+        bench) run_stage bench "$py" -m benchmarks.bench_kernels --out "$out/kernels_bench.json" \
                    --table "$out/dispatch_table.json" ;;
-        step) run_stage step_llada "$py" -m serve.bench_step --model llada-8b --out "$out/step_llada.json"
-              run_stage step_dream "$py" -m serve.bench_step --model dream-7b --out "$out/step_dream.json" ;;
+        step) run_stage step_llada "$py" -m benchmarks.bench_step --model llada-8b --out "$out/step_llada.json"
+              run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" ;;
     esac
 done
 exit $failed

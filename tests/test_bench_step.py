@@ -1,4 +1,4 @@
-"""`python -m serve.bench_step` on CPU: the swap-and-restore, the logits check, the report and bad arguments."""
+"""`python -m benchmarks.bench_step` on CPU: the swap-and-restore, the logits check, the report and bad arguments."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels.sparse24 import Sparse24Linear
-from serve.bench_step import BASELINE, build, prune_24, swapped
+from benchmarks.bench_step import BASELINE, build, prune_24, swapped
 from sinkprune.calibration import prunable_linears
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def bench(tmp_path: Path, *args: str, interpret: bool = False) -> subprocess.Com
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "serve.bench_step", "--out", str(tmp_path / "step.json"), *args],
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_step", "--out", str(tmp_path / "step.json"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -261,7 +261,7 @@ def test_every_eos_id_of_the_config_ends_the_completion():
 
 
 def test_messages_render_through_the_chat_template():
-    from serve.bench_engine import random_tiny_model
+    from benchmarks.bench_engine import random_tiny_model
     from sinkprune.dlm.loading import embedded_model_dir, load_tokenizer
     from sinkprune.dlm.prompt import encode_chat
     from tests.e2e import PLAIN_CHAT_TEMPLATE

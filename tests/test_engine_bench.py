@@ -1,9 +1,9 @@
-"""`python -m serve.bench_engine` runs end to end and reports what the issue asks for."""
+"""`python -m benchmarks.bench_engine` runs end to end and reports what the issue asks for."""
 from __future__ import annotations
 
 import json
 
-from serve import bench_engine
+from benchmarks import bench_engine
 
 
 def test_bench_reports_load_and_variants(tmp_path, capsys):

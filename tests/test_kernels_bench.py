@@ -5,19 +5,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from kernels.bench import Row, bytes_moved, dispatch_plans, write_table
+from benchmarks.bench_kernels import Row, bytes_moved, dispatch_plans, write_table
 from kernels.dispatch import TABLE_FORMAT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_smoke_run_checks_dense_and_interpreter_paths(tmp_path):
     out, table = tmp_path / "smoke.json", tmp_path / "table.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, "-m", "kernels.bench", "--cpu-smoke", "--out", str(out),
-                          "--table", str(table)], capture_output=True, text=True, timeout=120, env=env)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", "--cpu-smoke", "--out", str(out),
+                          "--table", str(table)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "NOT performance numbers" in run.stdout
     report = json.loads(out.read_text())

@@ -1,6 +1,6 @@
 """The Triton 2:4 kernel compiled for A100 and H100 without a GPU: no spill, shared memory in budget, tensor cores.
 
-Runs `python -m kernels.compile_check` in a subprocess: the interpreter tests set
+Runs `python -m benchmarks.compile_check` in a subprocess: the interpreter tests set
 TRITON_INTERPRET=1 in this process, and the compile check needs the real compiler.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.compile_check import ARCHITECTURES, SPLIT_KS
+from benchmarks.compile_check import ARCHITECTURES, SPLIT_KS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def compile_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProce
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = tmp_path / "compile.json"
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--out", str(out), *args],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--out", str(out), *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = json.loads(out.read_text())["reports"] if out.is_file() else []
     return result, reports
@@ -61,6 +61,6 @@ def test_malformed_config_is_a_usage_error(tmp_path, argument):
 
 def test_refuses_to_run_under_the_interpreter(tmp_path):
     out = tmp_path / "compile.json"
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--out", str(out)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--out", str(out)], cwd=ROOT,
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr and not out.exists()

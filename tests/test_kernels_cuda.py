@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.bench import main as bench_main
+from benchmarks.bench_kernels import main as bench_main
 from kernels.sparse24 import Sparse24Linear
 from kernels.testing import random_24_weight
 

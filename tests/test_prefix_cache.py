@@ -201,7 +201,7 @@ def test_caches_refuse_guidance(cache):
 def test_cached_output_stays_close_to_uncached(model_type, cache):
     """An approximation, not an identity: on a smooth random model most tokens agree
     (uniformly random tokens would agree 1% of the time). The quality cost on a trained
-    model is what `python -m serve.bench_engine` measures (docs/ENGINE.md)."""
+    model is what `python -m benchmarks.bench_engine` measures (docs/ENGINE.md)."""
     model = random_model(model_type, std=0.1)
     agree = total = 0
     for i in range(6):

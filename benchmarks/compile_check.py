@@ -1,4 +1,4 @@
-"""Compile our Triton 2:4 kernel for NVIDIA GPUs without one: `python -m kernels.compile_check`.
+"""Compile our Triton 2:4 kernel for NVIDIA GPUs without one: `python -m benchmarks.compile_check`.
 
 Why: CI and the developers' machines have no GPU, yet register spills, shared memory
 over the limit or a dot that misses the tensor cores only show on one, and they
@@ -13,7 +13,7 @@ it (pointers, N, K and row strides divisible by 16), and its cubin is checked:
 * the dot runs on tensor cores (`mma.sync`, or `wgmma` on Hopper);
 * the weight tiles stream through `cp.async` (asynchronous, pipelined copies).
 
-It says nothing of speed: `python -m kernels.bench` on a GPU does.
+It says nothing of speed: `python -m benchmarks.bench_kernels` on a GPU does.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class CompileReport:
 
 def autotune_configs() -> list[TileConfig]:
     """The kernel's GPU autotune list, as `TileConfig`s."""
-    from .triton_sparse24 import GPU_CONFIGS
+    from kernels.triton_sparse24 import GPU_CONFIGS
     return [TileConfig(*values) for values in GPU_CONFIGS]
 
 
@@ -125,7 +125,7 @@ def compile_config(config: TileConfig, arch: int, dtype: str = "bfloat16", split
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_sparse24 import _sparse24_kernel as kernel
+    from kernels.triton_sparse24 import _sparse24_kernel as kernel
 
     signature = _signature(kernel, dtype, split_k)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
@@ -165,7 +165,7 @@ def markdown(reports: list[CompileReport]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHITECTURES), default=sorted(ARCHITECTURES),
                         help="compute capabilities to compile for (80: A100, 90: H100/H200)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every compilation is clean, 1 when any has a problem, 2 on bad usage."""
     args = _parse(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernels.compile_check: unset TRITON_INTERPRET; it needs the compiled kernel, not the interpreter",
+        print("benchmarks.compile_check: unset TRITON_INTERPRET; it needs the compiled kernel, not the interpreter",
               file=sys.stderr)
         return 2
     from tqdm import tqdm

@@ -1,4 +1,4 @@
-"""`python -m serve.bench_engine`: the engine under offered load, beside the reference loop.
+"""`python -m benchmarks.bench_engine`: the engine under offered load, beside the reference loop.
 
 Every run of this command measures, on the same prompts and in the same process:
 
@@ -237,7 +237,7 @@ async def benchmark(args) -> dict:
             (np.asarray(run.completions) == np.asarray(baseline.completions)).mean())}
     baseline_row = baseline.summary() | {"label": "fixed steps"}
     return {
-        "command": "python -m serve.bench_engine " + " ".join(args.argv),
+        "command": "python -m benchmarks.bench_engine " + " ".join(args.argv),
         "date": date.today().isoformat(), "machine": _machine(args.device),
         "model": "random-tiny (embedded architecture, random weights)" if args.random_tiny else args.model,
         "settings": {"requests": args.requests, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
@@ -260,7 +260,7 @@ def _machine(device: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_engine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded", help="'embedded' or a local HF-layout model directory")
     p.add_argument("--random-tiny", action="store_true", help="the embedded architecture with random weights")
     p.add_argument("--device", default="cpu")

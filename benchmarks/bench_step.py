@@ -1,4 +1,4 @@
-"""`python -m serve.bench_step`: one denoising step of a 2:4-pruned model, dense kernels against sparse ones.
+"""`python -m benchmarks.bench_step`: one denoising step of a 2:4-pruned model, dense kernels against sparse ones.
 
 A DLM step is a full bidirectional forward over batch x seq tokens, so every
 linear layer sees M = batch * seq rows; with the engine's dual cache, a block's
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.bench import relative_error, time_cpu, time_cuda
+from benchmarks.bench_kernels import relative_error, time_cpu, time_cuda
 from kernels.dispatch import BACKENDS, BackendUnavailable
 from kernels.swap import swap_sparse_linears
 from sinkprune.calibration import prunable_linears
@@ -236,7 +236,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serve.bench_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded",
                         help=f"{' / '.join(PRESETS)} (random weights of the public shapes), 'embedded', or a "
                              "local model directory")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__,
               "sparse_layers": len(names), "dense_linear_bytes": dense_bytes,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python -m serve.bench_step", *(sys.argv[1:] if argv is None else argv)]),
+              "command": " ".join(["python -m benchmarks.bench_step", *(sys.argv[1:] if argv is None else argv)]),
               "rows": [asdict(r) for r in rows], "checks": [asdict(c) for c in checks]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

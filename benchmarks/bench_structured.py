@@ -1,4 +1,4 @@
-"""`python -m sinkprune.bench_structured`: how much faster a structurally pruned model
+"""`python -m benchmarks.bench_structured`: how much faster a structurally pruned model
 runs on this machine's CPU, and what it costs in quality (paired NLL).
 
 Forward passes are timed side by side in one process after warm-up (median of

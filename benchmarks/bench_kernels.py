@@ -1,4 +1,4 @@
-"""Benchmark of the 2:4 backends against dense: `python -m kernels.bench`.
+"""Benchmark of the 2:4 backends against dense: `python -m benchmarks.bench_kernels`.
 
 On CUDA: the linear shapes of LLaDA-8B and Dream-7B for M = 1 .. 16384; every
 backend runs through `Sparse24Linear` with the backend forced (what serving runs,
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, table_key
-from .sparse24 import Sparse24Linear  # imports the Triton kernel only when a layer uses it, after main() ran
-from .testing import random_24_weight
+from kernels.dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, table_key
+from kernels.sparse24 import Sparse24Linear  # imports the Triton kernel only when a layer uses it, after main() ran
+from kernels.testing import random_24_weight
 
 SHAPES = {  # (out_features N, in_features K) of the linear layers
     "llada-8b": [(4096, 4096), (12288, 4096), (4096, 12288)],
@@ -185,7 +185,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU functional check (automatic without CUDA)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                    2 if smoke else args.warmup, 3 if smoke else args.reps, roofline)]
     report = {"device": device_name, "dtype": args.dtype, "smoke": smoke, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python -m kernels.bench", *(sys.argv[1:] if argv is None else argv)]),
+              "command": " ".join(["python -m benchmarks.bench_kernels", *(sys.argv[1:] if argv is None else argv)]),
               "roofline": asdict(roofline), "rows": [asdict(r) for r in rows]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

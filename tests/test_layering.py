@@ -1,0 +1,31 @@
+"""The product packages never import the benchmarks (DESIGN.md: benchmarks import the product)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = ("sinkprune", "kernels", "serve", "loadtest")
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_product_module_imports_benchmarks():
+    offenders = [str(path.relative_to(ROOT)) for package in PRODUCT for path in (ROOT / package).rglob("*.py")
+                 if any(name == "benchmarks" or name.startswith("benchmarks.") for name in imported_modules(path))]
+    assert offenders == []
+
+
+def test_no_benchmark_script_is_left_in_a_product_package():
+    leftovers = [str(path.relative_to(ROOT)) for package in PRODUCT for path in (ROOT / package).rglob("*.py")
+                 if path.name.startswith("bench") or path.name == "compile_check.py"]
+    assert leftovers == []
