@@ -18,19 +18,30 @@ from sinkprune.dlm.loading import save_model
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import parse_pattern
 
+# The compressed-tensors release whose sparse-24-bitmask layout we write: its last one with that format.
+CT_FORMAT_VERSION = "0.14.0"
+
 
 def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict with every prunable linear weight in sparse-24-bitmask form."""
+    """The state dict with every prunable linear weight in sparse-24-bitmask form, under
+    compressed-tensors' names: `<module>.compressed`, `<module>.bitmask`, `<module>.shape` (2, 1)."""
     from kernels.formats import to_bitmask
 
     state = {name: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for name, t in model.state_dict().items()}
     targets = []
     for name in prunable_linears(model):
-        param = name + ".weight"
-        compressed, bitmask, shape = to_bitmask(state.pop(param))
-        state.update({param + ".compressed": compressed, param + ".bitmask": bitmask, param + ".shape": shape})
+        compressed, bitmask, shape = to_bitmask(state.pop(name + ".weight"), name=name + ".weight")
+        state.update({name + ".compressed": compressed, name + ".bitmask": bitmask,
+                      name + ".shape": shape.reshape(-1, 1)})
         targets.append(name)
     return state, targets
+
+
+def sparsity_config(targets: list[str], sparsity: float | None) -> dict:
+    """config.json's `quantization_config` for 2:4 layers, with the fields compressed-tensors writes."""
+    return {"quant_method": "compressed-tensors", "version": CT_FORMAT_VERSION, "transform_config": {},
+            "sparsity_config": {"format": BITMASK_FORMAT, "sparsity_structure": "2:4", "targets": targets,
+                                "ignore": [], "global_sparsity": sparsity, "registry_requires_subclass": False}}
 
 
 def write_artifact(
@@ -47,9 +58,7 @@ def write_artifact(
     state = None
     if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
         state, targets = compressed_state(model, dtype)
-        extra_config = {"quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {
-            "format": BITMASK_FORMAT, "sparsity_structure": "2:4", "targets": targets, "ignore": [],
-            "global_sparsity": manifest.get("sparsity")}}}
+        extra_config = {"quantization_config": sparsity_config(targets, manifest.get("sparsity"))}
     save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     (out / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")

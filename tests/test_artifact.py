@@ -41,16 +41,40 @@ def test_bitmask_layout_is_the_compressed_tensors_one(tmp_path):
     model, _ = _pruned("2:4")
     out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
     tensors = load_file(str(out / "model.safetensors"))
-    name = "model.transformer.blocks.0.q_proj.weight"
-    assert name not in tensors
-    dense = model.state_dict()[name]
+    name = "model.transformer.blocks.0.q_proj"  # compressed-tensors keys: the module's name, no `.weight`
+    assert name + ".weight" not in tensors and name + ".weight.compressed" not in tensors
+    dense = model.state_dict()[name + ".weight"]
     bitmask = tensors[name + ".bitmask"]
     expected = np.packbits((dense != 0).numpy(), axis=1, bitorder="little")
     assert bitmask.dtype == torch.uint8 and np.array_equal(bitmask.numpy(), expected)
     compressed = tensors[name + ".compressed"]
     assert compressed.shape == (dense.shape[0], dense.shape[1] // 2)
     assert torch.equal(compressed.flatten(), dense[dense != 0])  # kept values in row order
-    assert tensors[name + ".shape"].tolist() == list(dense.shape)
+    shape = tensors[name + ".shape"]
+    assert shape.shape == (2, 1) and shape.flatten().tolist() == list(dense.shape)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["sparsity_config"]["format"] == "sparse-24-bitmask"
+
+
+def test_the_previous_key_layout_still_loads(tmp_path):
+    """Artifacts written before the switch to compressed-tensors' names: `<module>.weight.compressed`, shape (2,)."""
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    tensors = load_file(str(out / "model.safetensors"))
+    old = {}
+    for key, tensor in tensors.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix in ("compressed", "bitmask", "shape") and not module.endswith(".weight"):
+            old[f"{module}.weight.{suffix}"] = tensor.flatten() if suffix == "shape" else tensor
+        else:
+            old[key] = tensor
+    assert any(key.endswith(".weight.shape") for key in old)
+    save_file(old, str(out / "model.safetensors"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["model.safetensors"] = sha256_file(out / "model.safetensors")
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    loaded, _ = load_model(out, with_tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_unstructured_artifact_keeps_dense_weights_with_its_manifest(tmp_path):
@@ -86,7 +110,7 @@ def test_a_mask_breaking_24_is_refused_naming_the_tensor(tmp_path):
     out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
     weights = out / "model.safetensors"
     tensors = load_file(str(weights))
-    name = "model.transformer.blocks.1.ff_out.weight"
+    name = "model.transformer.blocks.1.ff_out"
     bitmask = tensors[name + ".bitmask"].clone()
     bitmask[0, 0] = 0b00000111  # three kept weights in the first group of 4
     tensors[name + ".bitmask"] = bitmask
@@ -121,3 +145,49 @@ def test_prune_command_writes_a_loadable_artifact_with_quality(tmp_path):
     for name, linear in prunable_linears(model).items():
         assert ((linear.weight.reshape(linear.out_features, -1, 4) != 0).sum(-1) == 2).all(), name
     assert main(["prune", "--model", str(tmp_path / "dense"), "--pattern", "3:2", "--out-dir", str(tmp_path / "x")]) == 2
+
+
+def test_a_declared_sparsity_config_without_manifest_is_refused_unless_unverified(tmp_path):
+    from sinkprune.dlm.artifact_io import UnverifiedLoadWarning
+
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    (out / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match=r"declares quantization_config.*sinkprune\.json is missing.*--unverified"):
+        load_model(out, with_tokenizer=False)
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF  # a flipped byte nobody can detect without the manifest
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UnverifiedLoadWarning, match="UNVERIFIED"):
+        loaded, _ = load_model(out, with_tokenizer=False, allow_unverified=True)
+    assert loaded is not None
+
+
+def test_files_the_manifest_does_not_list_are_refused(tmp_path):
+    """Old dense shards and their index beside a new artifact must never be what gets loaded."""
+    from sinkprune.dlm.loading import save_model
+
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    save_model(model, tmp_path / "shards", max_shard_bytes=20_000)
+    for stale in (tmp_path / "shards").glob("model*"):
+        (out / stale.name).write_bytes(stale.read_bytes())
+    with pytest.raises(ArtifactError, match=r"model\.safetensors\.index\.json is not listed in .*sinkprune\.json"):
+        load_model(out, with_tokenizer=False)
+
+
+def test_truncated_weights_without_manifest_give_an_error_naming_the_file(tmp_path):
+    from sinkprune.dlm.errors import ModelLoadError
+    from sinkprune.dlm.loading import save_model
+
+    model, _ = _pruned("unstructured:0.5")
+    out = save_model(model, tmp_path / "dense")
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    for broken in (data[: len(data) // 2], data[:5], b"\xff" * 64):
+        weights.write_bytes(broken)
+        with pytest.raises(ModelLoadError, match=r"weight file .*model\.safetensors cannot be read"):
+            load_model(out, with_tokenizer=False)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json cannot be read as JSON"):
+        load_model(out, with_tokenizer=False)

@@ -1,15 +1,23 @@
-"""Reading pruned artifacts: hash verification and 2:4 bitmask decompression.
+"""Reading pruned artifacts: verification and 2:4 bitmask decompression.
 
 An artifact is a model directory plus `sinkprune.json` (sha256 of every file)
-and, for 2:4 layers, compressed-tensors `sparse-24-bitmask` tensors
-(`<param>.compressed`, `<param>.bitmask`, `<param>.shape`) declared under
-`quantization_config.sparsity_config` in config.json. Anything that does not
-match is refused before a model is built, with the file or tensor named.
+and, for 2:4 layers, compressed-tensors `sparse-24-bitmask` tensors declared
+under `quantization_config.sparsity_config` in config.json. Two key layouts are
+read: compressed-tensors' own (`<module>.compressed`, `<module>.bitmask`,
+`<module>.shape`, shape stored as (2, 1)), which is what we write, and the one
+this project wrote before (`<module>.weight.compressed`, ..., shape (2,)).
+
+A directory whose config.json declares a sparsity or quantization config must
+carry a manifest, and every file it loads must be listed there with its hash;
+otherwise it is refused before a model is built, with the file named, unless the
+caller asks for an unverified load (then a warning says so).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +27,11 @@ from sinkprune.dlm.errors import ArtifactError
 MANIFEST = "sinkprune.json"
 BITMASK_FORMAT = "sparse-24-bitmask"
 SUFFIXES = (".compressed", ".bitmask", ".shape")
+UNVERIFIED_HINT = "pass --unverified (allow_unverified=True) to load it anyway"
+
+
+class UnverifiedLoadWarning(UserWarning):
+    """A model directory loaded without (full) verification because the caller asked for it."""
 
 
 def sha256_file(path: Path) -> str:
@@ -47,6 +60,49 @@ def verify_manifest(model_dir: Path) -> dict | None:
     return manifest
 
 
+def declared_compression(hf_config: dict) -> str | None:
+    """What config.json declares that changes how the weights must be read, or None."""
+    if hf_config.get("quantization_config"):
+        quant = hf_config["quantization_config"]
+        return f"quantization_config ({quant.get('quant_method', '?') if isinstance(quant, dict) else quant})"
+    if hf_config.get("sparsity_config"):
+        return "sparsity_config"
+    return None
+
+
+def verify_model_dir(model_dir: Path, hf_config: dict, loaded_files: Callable[[], Iterable[Path]],
+                     allow_unverified: bool = False) -> dict | None:
+    """Verify a directory before its weights are read; returns its manifest (None if it has none).
+
+    Refused (ArtifactError naming the file) unless `allow_unverified`: a declared sparsity or
+    quantization config without `sinkprune.json`; a listed file missing or not matching its hash;
+    a file to be loaded (`loaded_files()`: config, index, weights) that the manifest does not list."""
+    try:
+        manifest = verify_manifest(model_dir)
+        if manifest is None:
+            declared = declared_compression(hf_config)
+            if declared:
+                raise ArtifactError(f"{model_dir / 'config.json'} declares {declared} but {model_dir / MANIFEST} "
+                                    f"is missing, so its weights cannot be verified; {UNVERIFIED_HINT}")
+            return None
+        listed = manifest.get("files", {})
+        for file in loaded_files():
+            if file.name not in listed:
+                raise ArtifactError(f"{file} is not listed in {model_dir / MANIFEST} (a stale or foreign file); "
+                                    f"{UNVERIFIED_HINT}")
+        return manifest
+    except ArtifactError as err:
+        if not allow_unverified:
+            raise
+        warnings.warn(f"loading {model_dir} UNVERIFIED: {err}", UnverifiedLoadWarning, stacklevel=3)
+        return None
+
+
+def weight_name(prefix: str) -> str:
+    """The dense parameter of a compressed triple: `<module>` (compressed-tensors) or `<module>.weight` (ours before)."""
+    return prefix if prefix.endswith(".weight") else prefix + ".weight"
+
+
 def sparsity_format(hf_config: dict) -> str | None:
     return ((hf_config.get("quantization_config") or {}).get("sparsity_config") or {}).get("format")
 
@@ -62,13 +118,16 @@ def decompress_state(state: dict[str, torch.Tensor], hf_config: dict) -> dict[st
     from kernels.formats import check_24, from_bitmask
 
     out = {name: t for name, t in state.items() if not name.endswith(SUFFIXES)}
-    params = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(SUFFIXES)})
-    for param in params:
-        parts = [state.get(param + suffix) for suffix in SUFFIXES]
+    prefixes = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(SUFFIXES)})
+    for prefix in prefixes:
+        parts = [state.get(prefix + suffix) for suffix in SUFFIXES]
         if any(p is None for p in parts):
-            raise ArtifactError(f"tensor {param} lacks one of {', '.join(param + s for s in SUFFIXES)}")
+            raise ArtifactError(f"tensor {prefix} lacks one of {', '.join(prefix + s for s in SUFFIXES)}")
+        param = weight_name(prefix)
+        if param in out:
+            raise ArtifactError(f"tensor {param} is stored both dense and compressed ({prefix}.compressed)")
         try:
-            dense = from_bitmask(*parts)
+            dense = from_bitmask(*parts, name=param)
             check_24(dense, name=param)
         except ValueError as err:
             raise ArtifactError(f"tensor {param}: {err}") from err

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sinkprune.dlm.artifact_io import decompress_state, verify_manifest
+from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
 from sinkprune.dlm.errors import ModelLoadError
@@ -53,15 +54,29 @@ def resolve_model_dir(path_or_name: str | Path) -> Path:
     return path
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ModelLoadError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path} cannot be read as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
+
+
 def read_config(model_dir: Path) -> DLMConfig:
-    return DLMConfig.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    return DLMConfig.from_hf_config(read_json(model_dir / "config.json"))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a directory: the index's shards, or the single file."""
     index = model_dir / INDEX_FILE
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no weight_map")
+        shards = sorted(set(weight_map.values()))
         files = [model_dir / name for name in shards]
     elif (model_dir / SINGLE_FILE).is_file():
         files = [model_dir / SINGLE_FILE]
@@ -75,10 +90,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(model_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_state_dict(model_dir: Path, device: str | torch.device = "cpu",
+                    files: list[Path] | None = None) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(model_dir):
-        state.update(load_file(str(file), device=str(device)))
+    for file in files if files is not None else weight_files(model_dir):
+        try:
+            state.update(load_file(str(file), device=str(device)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ModelLoadError(f"weight file {file} cannot be read (truncated or corrupt?): {err}") from err
     return state
 
 
@@ -106,18 +125,25 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
+    allow_unverified: bool = False,
 ):
     """Load `(model, tokenizer)` from a local HF-layout directory, a pruned artifact
     (hashes verified, 2:4 tensors decompressed and checked) or the name `embedded`.
 
     `dtype=None` keeps the checkpoint's own dtype. The model is returned in eval mode.
+    A directory that declares a sparsity or quantization config is refused without a
+    matching `sinkprune.json` unless `allow_unverified` (then with a warning).
     """
     model_dir = resolve_model_dir(path_or_name)
-    verify_manifest(model_dir)
-    config = read_config(model_dir)
+    hf_config = read_json(model_dir / "config.json")
+    index = [model_dir / INDEX_FILE] if (model_dir / INDEX_FILE).is_file() else []
+    verify_model_dir(model_dir, hf_config, lambda: [model_dir / "config.json", *index, *weight_files(model_dir)],
+                     allow_unverified)
+    config = DLMConfig.from_hf_config(hf_config)
+    files = weight_files(model_dir)
     dtype = dtype or config_dtype(config)
     model = build_model(config, device="meta", dtype=dtype)
-    state = decompress_state(read_state_dict(model_dir, device), config.hf_config)
+    state = decompress_state(read_state_dict(model_dir, device, files), config.hf_config)
     check_state_dict(model, state)
     state = {name: t.to(dtype=dtype) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
