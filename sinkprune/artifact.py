@@ -4,6 +4,7 @@
 values plus a one-bit-per-weight mask); other patterns keep dense weights with
 zeros. `sinkprune.json` records the method, settings, per-layer sparsity,
 quality and the sha256 of every file, so a server can refuse a damaged copy.
+The artifact also carries the source model's generation config and remote code.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sinkprune.dlm.artifact_io import BITMASK_FORMAT, MANIFEST, sha256_file
 from sinkprune.dlm.loading import save_model
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import parse_pattern
+from sinkprune.safe_output import check_output, staged_output
 
 # The compressed-tensors release whose sparse-24-bitmask layout we write: its last one with that format.
 CT_FORMAT_VERSION = "0.14.0"
@@ -50,16 +52,30 @@ def write_artifact(
     tokenizer,
     manifest: dict,
     dtype: torch.dtype | None = None,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Save a pruned model as an artifact; `manifest` must hold at least `pattern`."""
-    out = Path(out_dir)
+    """Save a pruned model as an artifact; `manifest` must hold at least `pattern`.
+
+    The artifact appears whole or not at all (`staged_output`): a non-empty `out_dir` is
+    refused unless `overwrite` (then replaced entirely), and so is one equal to, inside or
+    containing `source_dir`, the model it was pruned from, whose remote code and
+    generation config it carries."""
+    sources = [source_dir] if source_dir is not None else []
+    with staged_output(out_dir, overwrite, sources) as staging:
+        _write(model, staging, tokenizer, manifest, dtype, source_dir)
+    return check_output(out_dir, overwrite=True)
+
+
+def _write(model: DiffusionLM, out: Path, tokenizer, manifest: dict, dtype: torch.dtype | None,
+           source_dir: str | Path | None) -> None:
     pattern = parse_pattern(manifest["pattern"])
     extra_config = None
     state = None
     if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
         state, targets = compressed_state(model, dtype)
         extra_config = {"quantization_config": sparsity_config(targets, manifest.get("sparsity"))}
-    save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config)
+    save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config,
+               source_dir=source_dir)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     (out / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
-    return out

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from sinkprune.cli_args import Formatter, Parser, version_string
+
 COMMAND_MODULES = [
     "sinkprune.commands.generate",
     "sinkprune.commands.corpus",
@@ -27,19 +29,25 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sinkprune", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sinkprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sinkprune {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = Formatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sinkprune.dlm.errors import ModelLoadError
+    from sinkprune.safe_output import OutputError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsageError as err:
+    except (UsageError, OutputError, ModelLoadError) as err:
         print(f"sinkprune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -85,7 +85,7 @@ def test_unstructured_artifact_keeps_dense_weights_with_its_manifest(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     written = json.loads((out / MANIFEST).read_text())
     assert written["per_layer_sparsity"] == sparsity
-    assert set(written["files"]) == {"config.json", "model.safetensors"}
+    assert set(written["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
 
 
 def test_corrupted_or_truncated_files_are_refused(tmp_path):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from sinkprune.cli_args import add_unverified_flag, device
 from sinkprune.prune import METHODS
+from sinkprune.safe_output import add_overwrite_flag
 from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
 
 
@@ -11,8 +13,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model (magnitude, wanda, sparsegpt, sink-wanda, sink-sparsegpt)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--method", choices=METHODS, default="sink-wanda")
-    p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8) or unstructured:<ratio>")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--pattern", default="2:4",
+                   help="N:M (2:4, 4:8), unstructured:<ratio> or structured:<ratio> (channels and heads)")
+    p.add_argument("--out-dir", required=True, help="the artifact; must be new or empty (or --overwrite)")
+    add_overwrite_flag(p)
+    add_unverified_flag(p)
     p.add_argument("--calibration-windows", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--diffusion-steps", type=int, default=50, help="timestep grid: t = 1 - i / steps ...")
@@ -24,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.set_defaults(func=run)
 
 
@@ -34,18 +39,22 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sinkprune.artifact import write_artifact
-    from sinkprune.calibration import default_timesteps
+    from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError
-    from sinkprune.dlm.loading import ModelLoadError, load_model
+    from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
     from sinkprune.evaluate import compare_models, text_windows
-    from sinkprune.masks import parse_pattern
+    from sinkprune.masks import check_pattern_fits, parse_pattern
     from sinkprune.prune import PruneSettings, prune_model
+    from sinkprune.safe_output import check_output
 
     if args.calibration_windows < 1 or args.every < 1 or args.diffusion_steps < args.every:
         raise UsageError("--calibration-windows and --every must be >= 1, --diffusion-steps >= --every")
     try:
-        parse_pattern(args.pattern)
-        model, tokenizer = load_model(args.model, device=args.device)
+        pattern = parse_pattern(args.pattern)
+        source = resolve_model_dir(args.model)
+        check_output(args.out_dir, args.overwrite, [source])
+        model, tokenizer = load_model(source, device=args.device, allow_unverified=args.unverified)
+        check_pattern_fits(pattern, {name: m.in_features for name, m in prunable_linears(model).items()})
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
     settings = PruneSettings(args.method, args.pattern, default_timesteps(args.diffusion_steps, args.every),
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if dense is not None:
         eval_windows = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len)
         manifest["quality"] = compare_models({"dense": dense, "pruned": model}, eval_windows, args.eval_samples)
-    out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                         source_dir=source, overwrite=args.overwrite)
     print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
     if dense is not None:
         delta = manifest["quality"]["pruned"]["vs_dense"]

@@ -19,8 +19,10 @@ from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
 from sinkprune.dlm.errors import ModelLoadError
+from sinkprune.dlm.hf_files import write_hf_files
 from sinkprune.dlm.llada import LLaDAModelLM
 from sinkprune.dlm.model import DiffusionLM
+from sinkprune.safe_output import set_normal_modes
 
 ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: DreamModel}
 INDEX_FILE = "model.safetensors.index.json"
@@ -179,12 +181,16 @@ def save_model(
     max_shard_bytes: int | None = None,
     state: dict[str, torch.Tensor] | None = None,
     extra_config: dict | None = None,
+    source_dir: str | Path | None = None,
 ) -> Path:
     """Write `model` (and tokenizer) as a checkpoint-style directory, sharded above
     `max_shard_bytes` with an index exactly like the public checkpoints'.
 
     `state` replaces the model's own tensors (e.g. compressed ones) and
-    `extra_config` is merged into config.json (e.g. a `quantization_config`)."""
+    `extra_config` is merged into config.json (e.g. a `quantization_config`).
+    The directory also gets generation_config.json and, from `source_dir` (the
+    model it came from), its remote-code modules; config.json keeps `auto_map`.
+    Files get the modes of a plain open() (safetensors writes 0600)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
@@ -204,8 +210,10 @@ def save_model(
     hf["torch_dtype"] = str(dtype or model.embed_weight.dtype).replace("torch.", "")
     hf.update(extra_config or {})
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_hf_files(out, hf, Path(source_dir) if source_dir is not None else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    set_normal_modes(p for p in out.iterdir() if p.is_file())
     return out
 
 

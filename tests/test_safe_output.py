@@ -1,0 +1,134 @@
+"""No command overwrites data: refusal of non-empty or source outputs, staged writes, whole replacement."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sinkprune.artifact import write_artifact
+from sinkprune.dlm.artifact_io import MANIFEST
+from sinkprune.dlm.loading import load_model, save_model
+from sinkprune.safe_output import OutputError, check_output, staged_output
+from tests.conftest import random_model
+
+
+def _model_24():
+    from sinkprune.prune import PruneSettings, prune_model
+
+    model = random_model("llada", dtype=torch.float32)
+    prune_model(model, PruneSettings("magnitude", "2:4", [0.5]), torch.randint(3, 90, (2, 8)))
+    return model
+
+
+def test_a_non_empty_output_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert check_output(out) == out.resolve()  # empty: fine
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(OutputError, match=rf"{out} is not empty; pass --overwrite"):
+        check_output(out)
+    assert check_output(out, overwrite=True) == out.resolve()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is not a directory"):
+        check_output(tmp_path / "file", overwrite=True)
+
+
+@pytest.mark.parametrize("relation", ["equal", "inside", "contains"])
+def test_an_output_equal_to_inside_or_containing_the_source_is_always_refused(tmp_path, relation):
+    source = tmp_path / "models" / "dense"
+    source.mkdir(parents=True)
+    out = {"equal": source, "inside": source / "pruned", "contains": tmp_path / "models"}[relation]
+    with pytest.raises(OutputError, match="source"):
+        check_output(out, overwrite=True, sources=[source])
+
+
+def test_a_failed_write_leaves_the_old_directory_as_it_was_and_no_partial(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_output(out, overwrite=True) as staging:
+            (staging / "half.bin").write_bytes(b"half")
+            raise RuntimeError("killed half-way")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_run_leaves_no_half_artifact(tmp_path):
+    """SIGKILL while writing: the output never appears; only the hidden partial sibling remains."""
+    script = (f"import sys, time; sys.path.insert(0, {str(os.getcwd())!r})\n"
+              "from sinkprune.safe_output import staged_output\n"
+              f"with staged_output({str(tmp_path / 'out')!r}) as d:\n"
+              "    (d / 'model.safetensors').write_bytes(b'x' * 1000)\n"
+              "    print('writing', flush=True)\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not (tmp_path / "out").exists()
+    assert [p.name.startswith(".out.partial-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_overwrite_replaces_the_whole_directory_no_stale_shard_or_index(tmp_path):
+    model = _model_24()
+    out = tmp_path / "artifact"
+    save_model(model, out, max_shard_bytes=20_000)  # old dense shards + index
+    (out / "notes.txt").write_text("unrelated")
+    before = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in before
+    with pytest.raises(OutputError, match="not empty"):
+        write_artifact(model, out, None, {"pattern": "2:4"})
+    assert sorted(p.name for p in out.iterdir()) == before  # refused: untouched
+    write_artifact(model, out, None, {"pattern": "2:4"}, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", MANIFEST]
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) == set(names) - {MANIFEST}
+    load_model(out, with_tokenizer=False)
+
+
+def test_artifacts_keep_remote_code_auto_map_generation_config_and_normal_modes(tmp_path):
+    from transformers import GenerationConfig
+
+    model = _model_24()
+    source = tmp_path / "src"
+    model.config.hf_config["auto_map"] = {"AutoConfig": "configuration_llada.LLaDAConfig",
+                                          "AutoModel": "modeling_llada.LLaDAModelLM"}
+    save_model(model, source)
+    (source / "configuration_llada.py").write_text("# remote config code\n")
+    (source / "modeling_llada.py").write_text("# remote model code\n")
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": 126081, "max_length": 4096}))
+    old_mask = os.umask(0o022)
+    try:
+        out = write_artifact(model, tmp_path / "pruned", None, {"pattern": "2:4"}, source_dir=source)
+    finally:
+        os.umask(old_mask)
+    assert (out / "configuration_llada.py").read_text() == "# remote config code\n"
+    assert (out / "modeling_llada.py").read_text() == "# remote model code\n"
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
+    assert GenerationConfig.from_pretrained(str(out)).max_length == 4096
+    assert {"configuration_llada.py", "generation_config.json"} <= set(json.loads((out / MANIFEST).read_text())["files"])
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: oct(0o644) for p in out.iterdir()}
+
+
+def test_save_model_writes_a_generation_config_from_the_token_ids(tmp_path):
+    from transformers import GenerationConfig
+
+    model = random_model("dream", dtype=torch.float32)
+    out = save_model(model, tmp_path / "m")
+    generation = GenerationConfig.from_pretrained(str(out))
+    assert generation.eos_token_id == model.config.hf_config["eos_token_id"]
+    assert generation.pad_token_id == model.config.hf_config["pad_token_id"]
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
