@@ -12,8 +12,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
+from serve.guards import DEFAULT_MAX_BODY_BYTES
 from serve.replica import ModelReplica
 from serve.router import ABRouter
+from serve.schemas import MAX_TOKENS_LIMIT
 
 
 class VariantArgs(BaseModel):
@@ -42,6 +44,9 @@ class AppArgs(BaseModel):
     sticky: bool = True
     shadow: bool = False
     request_timeout_s: float = Field(300.0, gt=0)
+    max_tokens: int = Field(MAX_TOKENS_LIMIT, ge=1, le=MAX_TOKENS_LIMIT,
+                            description="largest max_tokens a request may ask (the OpenAPI document says it)")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="request bodies over it get 413")
     max_queued_requests: int = Field(512, ge=1, description="router backlog before Serve answers 503")
 
     @model_validator(mode="after")
@@ -68,4 +73,5 @@ def build_app(args: dict) -> Application:
     routing = {"weights": config.weights, "sticky": config.sticky, "shadow": config.shadow}
     router = ABRouter.options(max_queued_requests=config.max_queued_requests, user_config=routing,
                               ray_actor_options={"num_cpus": 0})  # I/O-bound: never blocks a model replica
-    return router.bind(handles, config.model_name, routing, config.request_timeout_s)
+    return router.bind(handles, config.model_name, routing, config.request_timeout_s, config.max_tokens,
+                       config.max_body_bytes)

@@ -27,7 +27,7 @@ from sinkprune.dlm.model import DiffusionLM
 from serve.config import EngineConfig
 from serve.model_runner import ModelRunner
 from serve.requests import CANCELLED, ERROR, FINISHED, EngineError, GenerationRequest, RequestError, \
-    RequestOutput, StreamEvent, prepare
+    RequestOutput, StreamEvent, longest_token_chars, prepare
 from serve.scheduler import Scheduler
 from serve.sequence import Sequence
 
@@ -97,6 +97,8 @@ class DLMEngine:
         self.runner = ModelRunner(model)
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self._max_length = min(self.config.max_tokens_per_step, model.config.max_position_embeddings)
+        token_chars = longest_token_chars(tokenizer)
+        self._max_prompt_chars = self._max_length * token_chars if token_chars else None
         self._requests: dict[str, tuple[Sequence, RequestStream]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlm-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,7 +112,7 @@ class DLMEngine:
         (invalid, naming the field) or `EngineOverloaded` (queue full, with retry_after)."""
         self._bind_loop()
         prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
-                           self.config.dual_cache, self.config.stop_token_ids)
+                           self.config.dual_cache, self.config.stop_token_ids, self._max_prompt_chars)
         if prepared.request_id in self._requests:
             raise RequestError("request_id", f"{prepared.request_id!r} is already in use")
         config = self.model.config

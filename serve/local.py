@@ -1,15 +1,28 @@
-"""Running the app on this machine: Ray started in-process on loopback, Serve on
-127.0.0.1, Ray's metrics exported on a known port. Used by the demo, the
-end-to-end tests and `python -m serve.local`."""
+"""Running the app on this machine: Ray started in-process, Serve's HTTP and Ray's
+metrics export on known ports. Used by the demo, the end-to-end tests and
+`python -m serve.local`.
+
+Loopback by default: Ray's node address (hence GCS, raylet, object manager, agents,
+metrics export) and the HTTP proxy bind to 127.0.0.1, so nobody else on the network
+can reach the API or join the cluster (Ray auth is off here). `--host 0.0.0.0`
+exposes the HTTP API only when asked. Ray's temp dir is made under `RAY_TMPDIR` (or
+the system's temp dir) and removed on exit, with every process still running from it.
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import socket
+import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
 
 # Small or busy machines start Serve's proxy slowly; Ray's 5 s readiness check would kill it.
 SLOW_MACHINE_ENV = {
@@ -18,6 +31,10 @@ SLOW_MACHINE_ENV = {
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Ray's single-machine mode: the node address is loopback, so its servers bind 127.0.0.1 only.
+# (Without it, ray.init turns a 127.0.0.1 node address into the host's network address.)
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK_RUNTIME_ENV = {"worker_process_setup_hook": "serve.local.bind_serve_replicas_to_loopback"}
 
 
 def free_port() -> int:
@@ -26,31 +43,98 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bind_serve_replicas_to_loopback() -> None:
+    """Ray worker setup hook: Serve replicas open their inter-deployment gRPC port on `[::]`
+    (hard-coded in ray/serve/_private/replica.py, Ray 2.60) whatever the node address; this
+    binds it to loopback like the rest of a single-machine Ray. tests/test_serve_security.py
+    fails if any port of ours listens beyond loopback, so a Ray upgrade cannot undo it silently."""
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        host, _, port = address.rpartition(":")
+        return bind(server, f"{LOOPBACK}:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def ray_temp_dir(parent: str | None = None) -> Path:
+    """A new, short directory for Ray's session files (Ray's socket paths must stay short)."""
+    base = parent or os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="sinkserve-ray-", dir=base))
+
+
+def processes_using(directory: Path) -> list[int]:
+    """PIDs (other than ours) whose command line names `directory`: the Ray processes of that session."""
+    needle, pids = str(directory), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.1)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not pids:
+            return
+
+
 @contextmanager
 def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | None = None,
-              temp_dir: str | None = None, num_cpus: int = 2, ready_timeout_s: float = 600.0):
-    """Start Ray + the app; yields (base_url, metrics_url); shuts everything down on exit."""
+              temp_dir: str | None = None, num_cpus: int = 2, ready_timeout_s: float = 600.0,
+              host: str = LOOPBACK):
+    """Start Ray + the app; yields (base_url, metrics_url); on exit shuts everything down, stops
+    any Ray process left from this session and removes the temp dir it made.
+
+    `temp_dir`, when given, is the parent of the session's own new directory."""
+    for key, value in SLOW_MACHINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.update(LOOPBACK_ENV)
     import ray
     from ray import serve
+    from ray._private import ray_constants
 
     from serve.app import build_app
 
-    for key, value in SLOW_MACHINE_ENV.items():
-        os.environ.setdefault(key, value)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: ray may have been imported before the env was set
     http_port = http_port or free_port()
     metrics_port = metrics_port or free_port()
-    temp_dir = temp_dir or str(Path("/tmp") / f"sinkserve-ray-{os.getpid()}")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port, _temp_dir=temp_dir,
-             configure_logging=False, log_to_driver=False)
+    session_dir = ray_temp_dir(temp_dir)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(app_args), name="sinkserve", route_prefix="/")
-        base_url = f"http://127.0.0.1:{http_port}"
-        wait_healthy(base_url, ready_timeout_s)
-        yield base_url, f"http://127.0.0.1:{metrics_port}/metrics"
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+                 _temp_dir=str(session_dir), _node_ip_address=LOOPBACK, configure_logging=False,
+                 log_to_driver=False, runtime_env=LOOPBACK_RUNTIME_ENV if host == LOOPBACK else None)
+        try:
+            serve.start(http_options={"host": host, "port": http_port})
+            serve.run(build_app(app_args), name="sinkserve", route_prefix="/")
+            base_url = f"http://{LOOPBACK}:{http_port}"
+            wait_healthy(base_url, ready_timeout_s)
+            yield base_url, f"http://{LOOPBACK}:{metrics_port}/metrics"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_processes(processes_using(session_dir))
+        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 def wait_healthy(base_url: str, timeout_s: float) -> None:
@@ -66,20 +150,41 @@ def wait_healthy(base_url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{base_url} did not become healthy in {timeout_s} s")
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop Ray and clean up."""
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="serve a dense and a pruned variant locally until Ctrl-C")
+    from sinkprune.cli_args import Parser, error_line, port_number
+    from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
+
+    parser = Parser(prog="python -m serve.local",
+                    description="serve a dense and a pruned variant locally until Ctrl-C or SIGTERM")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--pruned", default=None, help="a pruned artifact directory")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument("--port", type=port_number, default=8000)
+    parser.add_argument("--metrics-port", type=port_number, default=8080)
+    parser.add_argument("--host", default=LOOPBACK, help="HTTP bind address; 0.0.0.0 exposes the API to the network "
+                        "(Ray itself stays on loopback)")
     args = parser.parse_args()
-    with local_app({"model": args.model, "pruned": args.pruned}, args.port, args.metrics_port) as (url, metrics):
-        print(f"serving on {url} (OpenAPI: {url}/docs); Prometheus metrics on {metrics}; Ctrl-C stops")
-        try:
+    try:
+        for model in filter(None, (args.model, args.pruned)):
+            resolve_model_dir(model)
+    except ModelLoadError as err:
+        raise SystemExit(error_line(parser.prog, str(err))) from None
+    _stop_on_sigterm()
+    try:
+        with local_app({"model": args.model, "pruned": args.pruned}, args.port, args.metrics_port,
+                       host=args.host) as (url, metrics):
+            print(f"serving on {url} (OpenAPI: {url}/docs); Prometheus metrics on {metrics}; Ctrl-C stops",
+                  flush=True)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

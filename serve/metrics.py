@@ -21,8 +21,6 @@ class ReplicaMetrics:
     def __init__(self, variant: str):
         self.tags = {"variant": variant}
         keys = ("variant",)
-        self.requests = Counter(PREFIX + "requests", "Requests finished, by status (ok, error, overloaded, "
-                                "invalid, cancelled)", tag_keys=("variant", "status"))
         self.latency = Histogram(PREFIX + "request_latency_seconds", "Request latency, arrival to last token",
                                  boundaries=LATENCY_BUCKETS, tag_keys=keys)
         self.ttfb = Histogram(PREFIX + "time_to_first_block_seconds", "Arrival to the first committed block",
@@ -43,11 +41,8 @@ class ReplicaMetrics:
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for admission", tag_keys=keys)
         self.running = Gauge(PREFIX + "num_requests_running", "Requests being denoised", tag_keys=keys)
 
-    def request_finished(self, status: str, output=None) -> None:
-        """Count a request; `output` (the engine's RequestOutput) adds its timings and tokens."""
-        self.requests.inc(1, tags={**self.tags, "status": status})
-        if output is None:
-            return
+    def request_finished(self, output) -> None:
+        """Record a finished request's timings and tokens (the router counts outcomes)."""
         self.latency.observe(output.latency_s, tags=self.tags)
         if output.time_to_first_block_s is not None:
             self.ttfb.observe(output.time_to_first_block_s, tags=self.tags)
@@ -68,12 +63,31 @@ class ReplicaMetrics:
         self.running.set(running, tags=self.tags)
 
 
+OUTCOMES = ("ok", "invalid", "unauthorized", "overloaded", "cancelled", "error", "unavailable", "timeout")
+NO_VARIANT = "none"  # refused before a variant was chosen (bad body, wrong key, unknown path)
+
+
 class RouterMetrics:
-    """A/B assignments and fallbacks, counted by the router."""
+    """Every request's outcome, A/B assignments, fallbacks and retries, counted by the router.
+
+    Outcomes are counted here and not in the replicas: the router sees every request,
+    including those its replica never answered (it died, timed out, or the client left),
+    and its counts survive a replica being killed."""
 
     def __init__(self):
+        self.requests = Counter(PREFIX + "requests", "Requests answered, by variant and status (" + ", ".join(OUTCOMES)
+                                + "); variant 'none' when refused before a variant was chosen",
+                                tag_keys=("variant", "status"))
+        self.retries = Counter(PREFIX + "ab_retries", "Requests sent again to their variant after its replica died",
+                               tag_keys=("variant",))
+        self.variant_down = Counter(PREFIX + "ab_variant_down", "Times a variant was marked down (its health "
+                                    "probe failed)", tag_keys=("variant",))
         self.assignments = Counter(PREFIX + "ab_assignments", "Requests assigned to a variant by the A/B router",
                                    tag_keys=("variant",))
         self.fallbacks = Counter(PREFIX + "ab_fallbacks", "Requests sent to another variant because theirs was down",
                                  tag_keys=("variant",))
         self.shadow = Counter(PREFIX + "ab_shadow_requests", "Shadow copies sent to a variant", tag_keys=("variant",))
+
+    def outcome(self, variant: str | None, status: str) -> None:
+        assert status in OUTCOMES, status
+        self.requests.inc(1, tags={"variant": variant or NO_VARIANT, "status": status})

@@ -4,8 +4,10 @@
 dispatch gives them a sparse backend on this device; a layer that would only run
 the `dense` backend (every layer on CPU) stays an `nn.Linear`: the same product,
 without the packed copy's memory. Results cross the Ray boundary as
-plain dicts; refusals (bad input, overload) are returned as error events with
-the HTTP status the router should answer, never raised.
+plain dicts; refusals (bad input, overload) and failures of one request (a bug
+while preparing or running it) are returned as error events with the HTTP status
+the router should answer, never raised: an exception escaping a replica call would
+look to the router like a dead replica. Outcomes are counted by the router.
 """
 from __future__ import annotations
 
@@ -75,32 +77,35 @@ class ModelReplica:
         try:
             events = self.engine.submit(GenerationRequest(**request))
         except RequestError as err:
-            self.metrics.request_finished("invalid")
             yield error_event(400, str(err), "invalid_request_error", err.field)
             return
         except EngineOverloaded as err:
-            self.metrics.request_finished("overloaded")
             yield error_event(429, str(err), "overloaded", retry_after=err.retry_after)
+            return
+        except Exception as err:  # a bug preparing this one request: answered for it alone
+            log.exception("variant %s: could not prepare a request", self.variant)
+            yield error_event(500, f"could not prepare the request: {type(err).__name__}", "server_error")
             return
         try:
             async for event in self._events(events):
                 yield event
         except Exception as err:  # a bug must reach the client as a 500, not kill the stream silently
             log.exception("variant %s: request failed", self.variant)
-            self.metrics.request_finished("error")
-            yield error_event(500, f"generation failed: {err!r}", "engine_error")
+            yield error_event(500, f"generation failed: {type(err).__name__}", "server_error")
 
     async def _events(self, events) -> AsyncIterator[dict]:
         async for event in events:
             if event.type == FINISHED:
                 output = event.output
-                status = {"error": "error", "cancelled": "cancelled"}.get(output.finish_reason, "ok")
-                self.metrics.request_finished(status, output)
                 self.metrics.waiting.set(self.engine.num_waiting, tags=self.metrics.tags)
                 self.metrics.running.set(self.engine.num_running, tags=self.metrics.tags)
-                if status == "error":
-                    yield error_event(500, f"generation failed: {output.error}", "engine_error")
+                if output.finish_reason == "error":
+                    yield error_event(500, f"generation failed: {output.error}", "server_error")
+                elif output.finish_reason == "cancelled":  # not by its consumer: the replica is stopping
+                    yield error_event(503, "the replica stopped before finishing the request", "unavailable",
+                                      retry_after=1)
                 else:
+                    self.metrics.request_finished(output)
                     yield {"type": FINISHED, "output": output_dict(output)}
             elif event.text or event.token_ids:
                 yield {"type": event.type, "text": event.text, "token_ids": event.token_ids, "block": event.block}

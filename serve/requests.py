@@ -97,7 +97,29 @@ def _integer(name: str, value, minimum: int) -> int:
     return value
 
 
-def _chat_ids(messages, tokenizer, config: DLMConfig) -> list[int]:
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters one token of `tokenizer` can stand for (its longest vocabulary entry):
+    a text longer than `max_length` times this cannot fit in `max_length` tokens, which is
+    known without tokenising it (a multi-megabyte prompt would hold the event loop for seconds).
+    None when the tokenizer cannot list its vocabulary."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    return max((len(token) for token in vocab()), default=1) if vocab is not None else None
+
+
+def _check_text(field_name: str, texts: list[str], max_chars: int | None) -> None:
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(field_name, f"is not valid Unicode (unpaired surrogate at character {err.start})") \
+                from None
+    chars = sum(len(text) for text in texts)
+    if max_chars is not None and chars > max_chars:
+        raise RequestError(field_name, f"is too long: {chars} characters cannot fit in the tokens one sequence "
+                                       f"may have")
+
+
+def _chat_ids(messages, tokenizer, config: DLMConfig, max_chars: int | None) -> list[int]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RequestError("messages", "must be a non-empty list of {role, content} messages")
     for i, message in enumerate(messages):
@@ -107,16 +129,18 @@ def _chat_ids(messages, tokenizer, config: DLMConfig) -> list[int]:
                                            f"text content, got {message!r}")
     if tokenizer is None:
         raise RequestError("messages", "this engine has no tokenizer to render a conversation")
+    _check_text("messages", [m["content"] for m in messages], max_chars)
     try:
         return encode_chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages], config)
     except ValueError as err:
         raise RequestError("messages", str(err)) from err
 
 
-def _prompt_ids(prompt, tokenizer, config: DLMConfig) -> list[int]:
+def _prompt_ids(prompt, tokenizer, config: DLMConfig, max_chars: int | None) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
             raise RequestError("prompt", "this engine has no tokenizer: give the prompt as token ids")
+        _check_text("prompt", [prompt], max_chars)
         ids = encode_prompt(tokenizer, prompt, config)
     elif isinstance(prompt, (list, tuple)):
         ids = [_integer("prompt", token, 0) for token in prompt]
@@ -151,17 +175,18 @@ def _stop_token_ids(ids, config: DLMConfig, default: tuple[int, ...]) -> tuple[i
 
 def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length: int,
             prefix_cache_default: bool = False, dual_cache_default: bool = False,
-            stop_token_ids_default: tuple[int, ...] = ()) -> PreparedRequest:
+            stop_token_ids_default: tuple[int, ...] = (), max_prompt_chars: int | None = None) -> PreparedRequest:
     """Validate `request` and resolve its defaults; raises `RequestError` naming the field.
 
-    `max_length` bounds prompt + max_tokens (what one sequence may occupy in a step).
+    `max_length` bounds prompt + max_tokens (what one sequence may occupy in a step);
+    a prompt text over `max_prompt_chars` characters is refused before it is tokenised.
     Beyond generate()'s own rules, `steps` may not exceed `max_tokens`: extra steps
     would commit nothing and only cost forward passes.
     """
     if request.messages is not None and request.prompt is not None:
         raise RequestError("messages", "give either a prompt or messages, not both")
-    prompt_ids = _prompt_ids(request.prompt, tokenizer, config) if request.messages is None \
-        else _chat_ids(request.messages, tokenizer, config)
+    prompt_ids = _prompt_ids(request.prompt, tokenizer, config, max_prompt_chars) if request.messages is None \
+        else _chat_ids(request.messages, tokenizer, config, max_prompt_chars)
     if not prompt_ids:
         raise RequestError("messages", "the conversation renders to no tokens")
     max_tokens = _integer("max_tokens", request.max_tokens, 1)

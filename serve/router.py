@@ -1,9 +1,15 @@
 """`ABRouter`: the HTTP ingress (FastAPI). It validates requests, assigns each to a
-variant (weighted, sticky per user, or forced by the `x-dlm-variant` header),
-forwards it to that variant's `ModelReplica`, falls back to another variant when
-one is down, and answers in OpenAI's completions or chat completions format (SSE
-when streaming).
-Every response names the variant that served it.
+variant (weighted, sticky per user, or forced by the `x-dlm-variant` header or a
+`sinkserve:<variant>` model name, on every endpoint), forwards it to that variant's
+`ModelReplica`, and answers in OpenAI's completions or chat completions format (SSE
+when streaming). Every response names the variant that served it.
+
+Trust rules it keeps (docs/SERVING.md):
+- one request's failure is that request's: a refusal or a bug answers that request
+  alone; only a failed health probe marks a variant down (`VariantHealth`);
+- a request whose replica died before it produced anything the client has seen is
+  sent once more: to a live replica of its variant, else (unless forced) the other;
+- every outcome is counted per variant, here, where it survives a replica's death.
 
 (No `from __future__ import annotations` here: FastAPI must see the real body
 types of the endpoints, which Serve's class-based ingress does not resolve.)
@@ -17,15 +23,19 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve import api_errors, openapi
+from serve.api_errors import VARIANT_HEADER, APIError, outcome_of
+from serve.guards import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, RequestGuard
 from serve.metrics import RouterMetrics
 from serve.routing import Router, RoutingConfig
 from serve.schemas import (
+    MAX_TOKENS_LIMIT,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -41,41 +51,15 @@ from serve.schemas import (
 )
 
 log = logging.getLogger("ray.serve")
-VARIANT_HEADER = "x-dlm-variant"
 USER_HEADER = "x-user-id"
-API_KEY_ENV = "SINKSERVE_API_KEY"
-DOWN_COOLDOWN_S = 10.0
 
 app = FastAPI(title="sinkserve", description="Dense and pruned diffusion LMs behind one A/B endpoint.")
+app.add_middleware(RequestGuard)
+api_errors.install(app)
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.retry_after = status, message, kind, param, retry_after
-
-    def response(self, variant: str | None = None) -> JSONResponse:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(self.retry_after)
-        if variant:
-            headers[VARIANT_HEADER] = variant
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-@app.exception_handler(HTTPError)
-async def _http_error(_request: Request, err: HTTPError) -> JSONResponse:
-    return err.response()
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {}
-    location = [str(part) for part in first.get("loc", ())[1:]]  # drop "body" / "query"
-    param = ".".join(location) or None
-    message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request body")
-    return HTTPError(400, message, "invalid_request_error", param).response()
+class ReplicaGone(Exception):
+    """The replica serving a request died or is stopping: the request may be sent again."""
 
 
 # Module-level helpers stay above the deployment class: Serve pickles the ingress class
@@ -121,16 +105,57 @@ def _usage(output: dict) -> Usage:
                  total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
 
 
+def _generate_response(body: GenerateRequest, model_name: str, variant: str, output: dict) -> dict:
+    return GenerateResponse(
+        id=output["request_id"], model=body.model or model_name, variant=variant, text=output["text"],
+        token_ids=output["token_ids"], finish_reason=output["finish_reason"], usage=_usage(output),
+        seed=output["seed"], forward_passes=output["usage"]["forward_passes"], latency_s=output["latency_s"],
+        time_to_first_block_s=output["time_to_first_block_s"], queue_s=output["queue_s"]).model_dump()
+
+
+def _raise_if_error(event: dict) -> dict:
+    """A replica's refusal or failure of this request, as the APIError the client gets."""
+    if event["type"] == "error":
+        raise APIError(event["status"], event["message"], event["kind"], event["param"], event["retry_after"])
+    return event
+
+
+async def _first(events) -> dict:
+    return _raise_if_error(await events.__anext__())
+
+
+async def _last(events) -> dict:
+    last = None
+    async for event in events:
+        last = _raise_if_error(event)
+    if last is None or last["type"] != "finished":
+        raise ReplicaGone("the replica's stream ended without a result")
+    return last["output"]
+
+
+def _sse_error(message: str, kind: str) -> str:
+    return f"data: {json.dumps(api_errors.error_body(message, kind))}\n\n"
+
+
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class ABRouter:
     def __init__(self, variants: dict[str, DeploymentHandle], model_name: str = "sinkserve",
-                 routing: dict | None = None, request_timeout_s: float = 300.0):
+                 routing: dict | None = None, request_timeout_s: float = 300.0, max_tokens: int = MAX_TOKENS_LIMIT,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0):
+        from serve.variant_health import VariantHealth
+
         self.handles = variants
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
+        self.max_tokens = max_tokens
         self.metrics = RouterMetrics()
-        self.down_until: dict[str, float] = {}
+        self.health = VariantHealth(lambda v: self.handles[v].info.remote(), sorted(variants), probe_timeout_s,
+                                    on_down=lambda v: self.metrics.variant_down.inc(1, tags={"variant": v}))
+        app.state.max_body_bytes = max_body_bytes
+        app.state.count_refusal = lambda status: self.metrics.outcome(None, outcome_of(status))
+        self._openapi: dict | None = None
+        app.openapi = self._openapi_schema
         self.reconfigure(routing or {})
 
     def reconfigure(self, user_config: dict) -> None:
@@ -138,72 +163,100 @@ class ABRouter:
         self.router = Router(RoutingConfig.from_user_config(user_config or {}, sorted(self.handles)))
         log.info("routing: %s", self.router.config)
 
-    # ---- helpers ---------------------------------------------------------------------
+    def _openapi_schema(self) -> dict:
+        if self._openapi is None:
+            self._openapi = openapi.build(app, self._model_names(), self.max_tokens,
+                                          auth=bool(os.environ.get(API_KEY_ENV)))
+        return self._openapi
 
-    def _check_auth(self, request: Request) -> None:
-        key = os.environ.get(API_KEY_ENV)
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
-            raise HTTPError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name not in self._model_names():
-            raise HTTPError(404, f"model {name!r} does not exist; available: {', '.join(self._model_names())}",
-                            "invalid_request_error", "model")
+    # ---- assignment ------------------------------------------------------------------
 
     def _model_names(self) -> list[str]:
         return [self.model_name] + [f"{self.model_name}:{v}" for v in sorted(self.handles)]
 
-    def _down(self) -> frozenset[str]:
-        now = time.monotonic()
-        return frozenset(v for v, until in self.down_until.items() if until > now)
+    def _check(self, body) -> None:
+        if body.model is not None and body.model not in self._model_names():
+            raise APIError(404, f"model {body.model!r} does not exist; available: {', '.join(self._model_names())}",
+                           param="model")
+        if body.max_tokens > self.max_tokens:
+            raise APIError(400, f"max_tokens: at most {self.max_tokens} on this deployment, got {body.max_tokens}",
+                           param="max_tokens")
 
-    def _assign(self, request: Request, body_model: str | None, user: str | None) -> tuple[str, bool]:
+    def _forced(self, request: Request, body) -> str | None:
+        """The variant a request names (header, or a `sinkserve:<variant>` model); same on every endpoint."""
         forced = request.headers.get(VARIANT_HEADER)
-        if body_model and ":" in body_model:
-            forced = forced or body_model.split(":", 1)[1]
+        if not forced and body.model and ":" in body.model:
+            forced = body.model.split(":", 1)[1]
+        if forced is not None and forced not in self.handles:
+            raise APIError(400, f"unknown variant {forced!r}; configured: {', '.join(sorted(self.handles))}",
+                           param=VARIANT_HEADER)
+        return forced
+
+    def _assign(self, request: Request, body, forced: str | None) -> str:
         if forced:
-            if forced not in self.handles:
-                raise HTTPError(400, f"unknown variant {forced!r}; configured: {', '.join(sorted(self.handles))}",
-                                "invalid_request_error", VARIANT_HEADER)
-            return forced, False
-        variant, fallback = self.router.choose(user or request.headers.get(USER_HEADER), self._down())
+            return forced
+        variant, fallback = self.router.choose(body.user or request.headers.get(USER_HEADER), self.health.down)
         self.metrics.assignments.inc(1, tags={"variant": variant})
         if fallback:
             self.metrics.fallbacks.inc(1, tags={"variant": variant})
-        return variant, fallback
+        return variant
 
     def _other(self, variant: str) -> str | None:
-        others = [v for v in sorted(self.handles) if v != variant and v not in self._down()]
+        others = [v for v in sorted(self.handles) if v != variant and v not in self.health.down]
         return others[0] if others else None
 
+    # ---- talking to replicas ---------------------------------------------------------
+
     async def _events(self, variant: str, payload: dict):
-        """The replica's event stream; replica failures become an `unavailable` event."""
+        """The replica's event stream. A dead or stopping replica raises ReplicaGone; anything
+        else that goes wrong is an error event of this request alone."""
         try:
             generator = self.handles[variant].options(stream=True).stream.remote(payload)
             async for event in generator:
+                if event["type"] == "error" and event["status"] == 503:
+                    raise ReplicaGone(event["message"])
                 yield event
-        except (RayError, RuntimeError) as err:
-            log.warning("variant %s failed: %r", variant, err)
-            self.down_until[variant] = time.monotonic() + DOWN_COOLDOWN_S
-            yield {"type": "unavailable", "message": f"variant {variant} is unavailable"}
+        except RayTaskError as err:  # the replica's code raised for this request: not a dead replica
+            log.error("variant %s failed a request: %r", variant, err)
+            yield {"type": "error", "status": 500, "message": f"variant {variant} failed this request",
+                   "kind": "server_error", "param": None, "retry_after": None}
+        except BackPressureError as err:
+            yield {"type": "error", "status": 429, "message": f"variant {variant} is overloaded: {err}",
+                   "kind": "overloaded", "param": None, "retry_after": 1}
+        except RayError as err:  # the replica process died or cannot be reached
+            raise ReplicaGone(f"{type(err).__name__}") from err
 
-    async def _first_event(self, variant: str, payload: dict, can_fall_back: bool):
-        """Start the request; if the variant fails before answering, fail over once."""
-        events = self._events(variant, payload)
-        first = await asyncio.wait_for(events.__anext__(), self.request_timeout_s)
-        if first["type"] == "unavailable" and can_fall_back and (other := self._other(variant)):
+    async def _failover(self, variant: str, forced: bool) -> str:
+        """Where a request goes after its replica died: a live replica of the same variant if
+        its health probe answers, else (unless forced) another variant."""
+        if await self.health.check(variant):
+            self.metrics.retries.inc(1, tags={"variant": variant})
+            return variant
+        if not forced and (other := self._other(variant)):
             self.metrics.fallbacks.inc(1, tags={"variant": other})
-            variant, events = other, self._events(other, payload)
-            first = await asyncio.wait_for(events.__anext__(), self.request_timeout_s)
-        if first["type"] == "unavailable":
-            raise HTTPError(503, first["message"], "unavailable", retry_after=int(DOWN_COOLDOWN_S))
-        if first["type"] == "error":
-            raise HTTPError(first["status"], first["message"], first["kind"], first["param"], first["retry_after"])
-        return variant, first, events
+            return other
+        raise APIError(503, f"variant {variant} is unavailable (no live replica)")
+
+    async def _run(self, variant: str, payload: dict, forced: bool, consume):
+        """`consume(events)` against `variant`, sent once more if its replica dies first."""
+        for attempt in range(2):
+            events = self._events(variant, payload)
+            try:
+                return variant, await consume(events), events
+            except APIError:
+                await events.aclose()
+                raise
+            except ReplicaGone as gone:
+                await events.aclose()
+                log.warning("variant %s: replica gone during a request (%s)", variant, gone)
+                if attempt:
+                    raise APIError(503, f"variant {variant} is unavailable ({gone})") from None
+                variant = await self._failover(variant, forced)
+        raise AssertionError("unreachable")
 
     def _shadow(self, primary: str, payload: dict) -> None:
         shadow = self.router.shadow_of(primary)
-        if shadow and shadow not in self._down():
+        if shadow and shadow not in self.health.down:
             self.metrics.shadow.inc(1, tags={"variant": shadow})
             self.handles[shadow].generate.remote(payload)  # recorded by the shadow's own metrics
 
@@ -211,93 +264,74 @@ class ABRouter:
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, body: CompletionRequest, request: Request):
-        return await self._openai(body, request)
+        return await self._serve(body, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        return await self._openai(body, request)
-
-    async def _openai(self, body: CompletionRequest | ChatCompletionRequest, request: Request):
-        """Both OpenAI endpoints: assign, forward (falling back unless forced), shadow, answer or stream."""
-        self._check_auth(request)
-        self._check_model(body.model)
-        variant, _ = self._assign(request, body.model, body.user)
-        payload = _request_to_engine(body)
-        forced = VARIANT_HEADER in request.headers or ":" in body.model
-        try:
-            variant, first, events = await self._first_event(variant, payload, can_fall_back=not forced)
-        except HTTPError as err:
-            return err.response(variant)
-        except asyncio.TimeoutError:
-            return HTTPError(504, f"variant {variant} did not answer in {self.request_timeout_s} s", "timeout",
-                             retry_after=5).response(variant)
-        self._shadow(variant, payload)
-        headers = {VARIANT_HEADER: variant}
-        if body.stream:
-            return StreamingResponse(self._sse(body, first, events), media_type="text/event-stream", headers=headers)
-        try:
-            output = await self._last(first, events)
-        except HTTPError as err:
-            return err.response(variant)
-        return JSONResponse(_openai_response(body, output), headers=headers)
+        return await self._serve(body, request)
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):
-        self._check_auth(request)
-        self._check_model(body.model)
-        variant, _ = self._assign(request, body.model, body.user)
+        return await self._serve(body, request)
+
+    async def _serve(self, body, request: Request):
+        """Every generation endpoint: check, assign, run (with one failover), answer or stream;
+        every outcome counted once for the variant that answered."""
+        variant = None
         try:
-            variant, first, events = await self._first_event(variant, _request_to_engine(body),
-                                                             can_fall_back=VARIANT_HEADER not in request.headers)
-        except HTTPError as err:
+            self._check(body)
+            forced = self._forced(request, body)
+            variant = self._assign(request, body, forced)
+            payload = _request_to_engine(body)
+            if getattr(body, "stream", False):
+                variant, first, events = await asyncio.wait_for(
+                    self._run(variant, payload, bool(forced), _first), self.request_timeout_s)
+                self._shadow(variant, payload)
+                return StreamingResponse(self._sse(body, variant, first, events), media_type="text/event-stream",
+                                         headers={VARIANT_HEADER: variant})
+            variant, output, _ = await asyncio.wait_for(self._run(variant, payload, bool(forced), _last),
+                                                        self.request_timeout_s)
+            self._shadow(variant, payload)
+            answer = _generate_response(body, self.model_name, variant, output) \
+                if isinstance(body, GenerateRequest) else _openai_response(body, output)
+            self.metrics.outcome(variant, "ok")
+            return JSONResponse(answer, headers={VARIANT_HEADER: variant})
+        except APIError as err:
+            self.metrics.outcome(variant, outcome_of(err.status))
             return err.response(variant)
         except asyncio.TimeoutError:
-            return HTTPError(504, f"variant {variant} did not answer", "timeout", retry_after=5).response(variant)
-        try:
-            output = await self._last(first, events)
-        except HTTPError as err:
-            return err.response(variant)
-        response = GenerateResponse(
-            id=output["request_id"], model=body.model or self.model_name, variant=variant, text=output["text"],
-            token_ids=output["token_ids"], finish_reason=output["finish_reason"], usage=_usage(output),
-            seed=output["seed"], forward_passes=output["usage"]["forward_passes"], latency_s=output["latency_s"],
-            time_to_first_block_s=output["time_to_first_block_s"], queue_s=output["queue_s"])
-        return JSONResponse(response.model_dump(), headers={VARIANT_HEADER: variant})
+            self.metrics.outcome(variant, "timeout")
+            return APIError(504, f"variant {variant} did not answer in {self.request_timeout_s} s").response(variant)
+        except asyncio.CancelledError:  # the client went away
+            self.metrics.outcome(variant, "cancelled")
+            raise
+        except Exception as err:  # a bug here: this request's 500, counted
+            log.exception("router failed a request")
+            self.metrics.outcome(variant, "error")
+            return APIError(500, f"internal error: {type(err).__name__}").response(variant)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models(self, request: Request):
-        self._check_auth(request)
+    async def models(self):
         return ModelList(data=[ModelCard(id=name) for name in self._model_names()])
 
     @app.get("/healthz")
     async def healthz(self):
+        """Probes every variant (and updates which are down); 200 while any can serve."""
+        up = await asyncio.gather(*(self.health.check(v) for v in sorted(self.handles)))
         status = {}
-        for variant, handle in sorted(self.handles.items()):
-            try:
-                info = await asyncio.wait_for(handle.info.remote(), 5.0)
-                status[variant] = {"status": "up", "waiting": info["waiting"], "running": info["running"]}
-            except (RayError, RuntimeError, asyncio.TimeoutError):
-                status[variant] = {"status": "down"}
-        healthy = any(v["status"] == "up" for v in status.values())
+        for variant, alive in zip(sorted(self.handles), up):
+            status[variant] = {"status": "up" if alive else "down"}
+        healthy = any(up)
+        headers = {} if healthy else {"Retry-After": "5"}
         return JSONResponse({"status": "ok" if healthy else "down", "variants": status},
-                            status_code=200 if healthy else 503)
+                            status_code=200 if healthy else 503, headers=headers)
 
-    # ---- response shapes -------------------------------------------------------------
+    # ---- streaming -------------------------------------------------------------------
 
-    @staticmethod
-    async def _last(first: dict, events) -> dict:
-        """The finished output; a stream that ends otherwise becomes an HTTPError."""
-        last = first
-        async for event in events:
-            last = event
-        if last["type"] != "finished":
-            status = 503 if last["type"] == "unavailable" else last.get("status", 500)
-            raise HTTPError(status, last.get("message") or "the variant stopped answering", last.get("kind", "error"))
-        return last["output"]
-
-    async def _sse(self, body: CompletionRequest | ChatCompletionRequest, first: dict, events):
+    async def _sse(self, body: CompletionRequest | ChatCompletionRequest, variant: str, first: dict, events):
         """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE].
-        Chat streams open with the assistant's role and carry `delta`s."""
+        Chat streams open with the assistant's role and carry `delta`s. Counted when it ends:
+        `cancelled` if the client left first."""
         chat = isinstance(body, ChatCompletionRequest)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind, created = "chat.completion.chunk" if chat else "text_completion", int(time.time())
@@ -311,16 +345,26 @@ class ABRouter:
                     "choices": [choice] if choices else [], "usage": usage}
             return f"data: {json.dumps(data)}\n\n"
 
-        if chat:
-            yield chunk("", role=True)
-        async for event in _prepend(first, events):
-            if event["type"] == "finished":
-                output = event["output"]
-                yield chunk("", output["finish_reason"])
-                if body.include_usage:
-                    yield chunk("", usage=_usage(output).model_dump(), choices=False)
-            elif event["type"] in ("error", "unavailable"):
-                yield f"data: {json.dumps({'error': {'message': event.get('message'), 'type': event.get('kind', 'unavailable')}})}\n\n"
-            elif event.get("text"):
-                yield chunk(event["text"])
-        yield "data: [DONE]\n\n"
+        outcome = "cancelled"
+        try:
+            if chat:
+                yield chunk("", role=True)
+            try:
+                async for event in _prepend(first, events):
+                    if event["type"] == "finished":
+                        output = event["output"]
+                        yield chunk("", output["finish_reason"])
+                        if body.include_usage:
+                            yield chunk("", usage=_usage(output).model_dump(), choices=False)
+                        outcome = "ok"
+                    elif event["type"] == "error":
+                        outcome = outcome_of(event["status"])
+                        yield _sse_error(event["message"], event["kind"])
+                    elif event.get("text"):
+                        yield chunk(event["text"])
+            except ReplicaGone as gone:  # the client has seen part of the answer: it cannot be sent again
+                outcome = "unavailable"
+                yield _sse_error(f"variant {variant} stopped answering ({gone})", "unavailable")
+            yield "data: [DONE]\n\n"
+        finally:
+            self.metrics.outcome(variant, outcome)

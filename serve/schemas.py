@@ -1,24 +1,53 @@
 """HTTP request and response bodies (pydantic; they make the OpenAPI schema at /docs).
 
 `/v1/completions` and `/v1/chat/completions` follow OpenAI's APIs, plus the DLM
-knobs as optional extra fields. Unknown fields are refused with an error naming them,
-and OpenAI parameters we cannot honour are accepted only at their neutral value.
+knobs as optional extra fields. One rule set for all three endpoints: types are
+strict (no `"4"` for 4, no `true` for 1, no `"yes"` for true), unknown fields are
+refused with an error naming them, text must be valid Unicode (a lone UTF-16
+surrogate is refused here, before any tokenizer sees it), and OpenAI parameters we
+cannot honour are accepted only at their neutral value.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from sinkprune.dlm.decoding import POLICIES
 
 MAX_TOKENS_LIMIT = 4096
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"is not valid Unicode (unpaired surrogate at character {err.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+# a prompt must hold some non-space character; JSON Schema's `pattern` says so to clients too
+PromptText = Annotated[str, Field(pattern=r"\S", description="text with at least one non-space character"),
+                       AfterValidator(_unicode)]
+Prompt = Annotated[PromptText | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
+                   Field(description="text, or token ids")]
+Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = False
 
 
 class DLMKnobs(BaseModel):
     """Denoising parameters and stop token ids; unset ones take the engine's defaults."""
+
+    model_config = STRICT
 
     steps: int | None = Field(None, ge=1, description="denoising steps over the whole answer (default: max_tokens)")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size (default: max_tokens)")
@@ -27,23 +56,26 @@ class DLMKnobs(BaseModel):
     prefix_cache: bool | None = Field(None, description="reuse the committed prefix's K/V within a block")
     dual_cache: bool | None = Field(None, description="reuse the K/V before and after the block within a block "
                                                       "(Fast-dLLM DualCache; implies prefix_cache)")
-    stop_token_ids: list[int] | None = Field(None, max_length=8, description="token ids that end the completion "
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=8, description="token ids that end the completion "
                                              "as EOS does (e.g. an end-of-turn token)")
 
 
-class OpenAIRequest(DLMKnobs):
-    """What OpenAI's completions and chat completions requests share."""
+class SharedFields(DLMKnobs):
+    """What every generation endpoint takes, with the same rules."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=4)] | None = None
+    user: Text | None = Field(None, max_length=256)
+
+
+class OpenAIRequest(SharedFields):
+    """What OpenAI's completions and chat completions requests share."""
+
+    model: Text
     stream: bool = False
-    stream_options: dict | None = None
-    user: str | None = Field(None, max_length=256)
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one completion per request")
     top_p: float = Field(1.0, ge=1.0, le=1.0, description="accepted only at 1.0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="accepted only at 0")
@@ -52,19 +84,12 @@ class OpenAIRequest(DLMKnobs):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[int] = Field(..., description="text, or token ids")
+    prompt: Prompt
     echo: bool = Field(False, description="accepted only as false")
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        return value
 
     @field_validator("echo")
     @classmethod
@@ -75,10 +100,10 @@ class CompletionRequest(OpenAIRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -87,18 +112,11 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
 
 
-class GenerateRequest(DLMKnobs):
+class GenerateRequest(SharedFields):
     """The native API: every DLM knob, and the engine's own report in the answer."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    prompt: str | list[int]
-    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    user: str | None = Field(None, max_length=256)
+    model: Text | None = None
+    prompt: Prompt
 
 
 class Usage(BaseModel):

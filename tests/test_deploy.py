@@ -47,6 +47,8 @@ EXPORTED = {
     "ray_sinkserve_ab_assignments_total": "counter",
     "ray_sinkserve_ab_fallbacks_total": "counter",
     "ray_sinkserve_ab_shadow_requests_total": "counter",
+    "ray_sinkserve_ab_retries_total": "counter",
+    "ray_sinkserve_ab_variant_down_total": "counter",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # PromQL words that are not metric names (functions and aggregations are recognised by their "(").

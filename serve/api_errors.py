@@ -1,0 +1,114 @@
+"""One error shape for every status the HTTP API answers: OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, with `Retry-After` on 429 and 503.
+
+FastAPI and Starlette answer some failures themselves (invalid JSON, invalid UTF-8,
+bodies nested too deep, unknown paths, wrong methods, uncaught bugs) with their own
+`{"detail": ...}`; the handlers installed here turn each into this shape, so a client
+needs one parser for every error, whichever layer refused the request.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ray.serve")
+VARIANT_HEADER = "x-dlm-variant"
+RETRY_AFTER_S = {429: 1, 503: 5, 504: 5}  # the default hint when the refusing layer gives none
+
+# status -> (OpenAI error type, outcome counted by the metrics)
+KINDS = {400: ("invalid_request_error", "invalid"), 401: ("authentication_error", "unauthorized"),
+         404: ("not_found_error", "invalid"), 405: ("invalid_request_error", "invalid"),
+         413: ("invalid_request_error", "invalid"), 429: ("overloaded", "overloaded"),
+         500: ("server_error", "error"), 503: ("unavailable", "unavailable"), 504: ("timeout", "timeout")}
+
+
+def outcome_of(status: int) -> str:
+    """The status label of `sinkserve_requests_total` for an HTTP status."""
+    if status < 400:
+        return "ok"
+    return KINDS.get(status, ("", "invalid" if status < 500 else "error"))[1]
+
+
+class APIError(Exception):
+    """A refusal answered with `status` and the OpenAI error body; `param` names the field or is None."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None,
+                 retry_after: int | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or KINDS.get(status, ("invalid_request_error" if status < 500 else "server_error",))[0]
+        self.retry_after = retry_after if retry_after is not None else RETRY_AFTER_S.get(status)
+        self.headers = dict(headers or {})
+
+    def response(self, variant: str | None = None) -> JSONResponse:
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if variant:
+            headers[VARIANT_HEADER] = variant
+        return JSONResponse(error_body(self.message, self.kind, self.param), status_code=self.status,
+                            headers=headers)
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def validation_error(err: RequestValidationError) -> APIError:
+    """A 400 naming the first offending field. Invalid JSON has no field: `param` is null
+    (pydantic's location there is a byte offset, which is not a parameter)."""
+    first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":
+        position = first.get("loc", ("body", "?"))[-1]
+        return APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'syntax error')} "
+                             f"at character {position})")
+    param = ".".join(str(part) for part in first.get("loc", ())[1:] if _is_field(part)) or None  # drop "body"
+    message = first.get("msg", "invalid request")
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _is_field(part) -> bool:
+    """A field name or list index of an error location, not one of pydantic's union-member tags
+    (`function-after[...]`, `list[int]`, `str`)."""
+    return isinstance(part, int) or (str(part).isidentifier() and part not in ("str", "int", "float", "bool"))
+
+
+def count_refusal(request: Request, status: int) -> None:
+    """Count a refusal made before the request reached a variant, through the counter the
+    deployment put in `app.state.count_refusal` (so every outcome is counted)."""
+    counter = getattr(request.app.state, "count_refusal", None)
+    if counter is not None:
+        counter(status)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on `app`."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        count_refusal(request, err.status)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        count_refusal(request, 400)
+        return validation_error(err).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals: a body it cannot decode (invalid UTF-8, nesting too deep), 404, 405
+        status = err.status_code if 400 <= err.status_code < 600 else 500
+        message = {400: "the body is not valid JSON (or not UTF-8, or nested too deeply)",
+                   404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(status, str(err.detail))
+        count_refusal(request, status)
+        return APIError(status, message, headers=getattr(err, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        count_refusal(request, 500)
+        return APIError(500, f"internal error: {type(err).__name__}").response()
