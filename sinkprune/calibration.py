@@ -1,14 +1,17 @@
-"""Layer-by-layer calibration on noised windows, with bounded memory.
+"""Layer-by-layer calibration on clean or noised windows, with bounded memory.
 
-A DLM sees partly masked inputs at every step, so calibration runs the model on
-windows noised at a grid of timesteps (the paper's default: 50 diffusion steps
-sampled every 5, i.e. t = 1.0, 0.9, ..., 0.1) rather than on clean text.
+A DLM sees partly masked inputs at every step, so calibration can run the
+model on windows noised at a grid of timesteps (the paper's default: 50
+diffusion steps sampled every 5, i.e. t = 1.0, 0.9, ..., 0.1); the reference
+implementation calibrates its statistics on clean windows instead (see
+`sinkprune.prune`, `calibration`).
 
 Blocks are visited in order: the calibration inputs go through block i, the
 statistics of its linear layers are gathered, the caller prunes the block, and
 the inputs are pushed through the *pruned* block to become block i+1's inputs.
-Only the hidden states and one block's statistics are alive at a time, so an
-8B model prunes on one GPU.
+Only the hidden states and one block's statistics are alive at a time, and
+the hidden states can live on the host or on disk (`sinkprune.hidden_store`),
+so an 8B model prunes on one GPU (docs/CALIBRATION.md has the memory formula).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sinkprune.dlm.model import DiffusionLM
+from sinkprune.hidden_store import HiddenStates
 
 
 def default_timesteps(diffusion_steps: int = 50, every: int = 5) -> list[float]:
@@ -49,10 +53,11 @@ class InputSquareSum:
         self.value = torch.zeros(features, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, row_weights: torch.Tensor | None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        if row_weights is not None:
-            x = x * row_weights.reshape(-1, 1).to(x)
-        self.value += x.pow(2).sum(0).double()
+        squares = x.reshape(-1, x.shape[-1]).float().square()
+        if row_weights is None:
+            self.value += squares.sum(0).double()
+        else:  # sum_t w_t^2 x_tj^2 as one vector-matrix product: no weighted copy of x
+            self.value += (row_weights.reshape(1, -1).float().square() @ squares).squeeze(0).double()
 
 
 class Hessian:
@@ -65,7 +70,7 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1]).float()
         if row_weights is not None:
             x = x * row_weights.reshape(-1, 1).to(x)
-        self.value += x.T @ x
+        self.value.addmm_(x.T, x)
 
 
 STATISTICS: dict[str, type] = {"input_square_sum": InputSquareSum, "hessian": Hessian}
@@ -79,49 +84,85 @@ def calibrate_sequentially(
     on_block: Callable[[int, nn.Module, dict[str, Statistic]], None],
     row_weights: torch.Tensor | None = None,
     batch_size: int = 8,
-    storage_device: str | torch.device | None = None,
+    hidden_states: str = "device",
+    hidden_dir: str | None = None,
     progress: bool = False,
 ) -> None:
     """Walk the blocks in order; for each, gather `statistic` for its linears on
     the (already pruned-upstream) inputs, call `on_block(index, block, stats)`
     to prune it, then recompute the inputs of the next block.
 
-    `samples` (N, L) are noised token windows; `row_weights` (N, L), if given,
-    scale each token's activations in the statistics (sink-aware pruning).
-    `statistic=None` gathers nothing (magnitude pruning). Hidden states may be
-    kept on `storage_device` (e.g. "cpu") to save accelerator memory.
+    `samples` (N, L) are token windows (clean or noised); `row_weights` (N, L),
+    if given, scale each token's activations in the statistics (sink-aware
+    pruning). `statistic=None` gathers nothing (magnitude pruning). The hidden
+    states between blocks live in `hidden_states` ("device", "host" or "disk",
+    see `sinkprune.hidden_store`). Hidden states are kept in the model's dtype.
     """
-    device = model.embed_weight.device
-    storage = torch.device(storage_device) if storage_device is not None else device
-    chunks = [samples[lo:lo + batch_size] for lo in range(0, len(samples), batch_size)]
-    weights = [None if row_weights is None else row_weights[lo:lo + batch_size]
-               for lo in range(0, len(samples), batch_size)]
-    hidden = [model.embed(chunk.to(device)).to(storage) for chunk in chunks] if statistic else []
-    for index, block in enumerate(tqdm(model.blocks, desc="prune blocks", disable=not progress)):
-        if statistic is None:
+    blocks = model.blocks
+    if statistic is None:
+        for index, block in enumerate(blocks):
             on_block(index, block, {})
-            continue
-        stats = _gather(model, block, chunks, weights, hidden, STATISTICS[statistic], device)
-        on_block(index, block, stats)
-        del stats
-        for i, chunk in enumerate(chunks):
-            inputs = model.attention_inputs(chunk.to(device))
-            hidden[i] = block(hidden[i].to(device), inputs)[0].to(storage)
+        return
+    device = model.embed_weight.device
+    starts = range(0, len(samples), batch_size)
+    chunks = [samples[lo:lo + batch_size].to(device) for lo in starts]
+    weights = [None if row_weights is None else row_weights[lo:lo + batch_size].to(device) for lo in starts]
+    inputs = _attention_inputs_by_shape(model)
+    # every batch through every block once to gather, and through all but the last again after pruning
+    bar = tqdm(total=len(chunks) * (2 * len(blocks) - 1), desc="calibrate blocks", unit="batch", disable=not progress)
+    with HiddenStates(hidden_states, device, model.embed_weight.dtype, hidden_dir) as hidden:
+        for chunk in chunks:
+            hidden.append(model.embed(chunk))
+        for index, block in enumerate(blocks):
+            stats = _gather(block, chunks, weights, hidden, inputs, STATISTICS[statistic], device, bar)
+            on_block(index, block, stats)
+            del stats
+            if index + 1 == len(blocks):
+                break  # the last block's outputs feed nothing
+            for i, chunk in enumerate(chunks):
+                hidden[i] = block(hidden[i], inputs(chunk))[0]
+                bar.update()
+    bar.close()
 
 
-def _gather(model, block, chunks, weights, hidden, make_stat, device) -> dict[str, Statistic]:
+def _attention_inputs_by_shape(model: DiffusionLM) -> Callable[[torch.Tensor], object]:
+    """Rotary tables for unpadded batches depend on the batch's shape only: build each once."""
+    cache: dict[tuple, object] = {}
+
+    def inputs(chunk: torch.Tensor):
+        if chunk.shape not in cache:
+            cache[chunk.shape] = model.attention_inputs(chunk)
+        return cache[chunk.shape]
+
+    return inputs
+
+
+def _gather(block, chunks, weights, hidden, inputs, make_stat, device, bar) -> dict[str, Statistic]:
+    """One pass of every batch through `block`, adding each linear's input to its statistic.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one statistic,
+    gathered once: it would be the same sum computed again."""
     linears = prunable_linears(block)
-    stats = {name: make_stat(linear.in_features, device) for name, linear in linears.items()}
-    current: dict[str, torch.Tensor | None] = {"w": None}
+    stats: dict[str, Statistic] = {}
+    current: dict = {"w": None, "seen": {}}
 
-    def hook(name):
-        return lambda _m, args, _out: stats[name].add(args[0], current["w"])
+    def hook(name: str, features: int):
+        def add(_module, args, _out):
+            x, seen = args[0], current["seen"]
+            if id(x) in seen:  # the entry holds x, so its id cannot be reused during this pass
+                stats[name] = seen[id(x)][1]
+                return
+            stat = stats.setdefault(name, make_stat(features, device))
+            stat.add(x, current["w"])
+            seen[id(x)] = (x, stat)
+        return add
 
-    handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
+    handles = [linear.register_forward_hook(hook(name, linear.in_features)) for name, linear in linears.items()]
     try:
-        for chunk, w, h in zip(chunks, weights, hidden):
-            current["w"] = None if w is None else w.to(device)
-            block(h.to(device), model.attention_inputs(chunk.to(device)))
+        for i, (chunk, w) in enumerate(zip(chunks, weights)):
+            current["w"], current["seen"] = w, {}
+            block(hidden[i], inputs(chunk))
+            bar.update()
     finally:
         for handle in handles:
             handle.remove()

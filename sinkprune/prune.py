@@ -18,13 +18,15 @@ from sinkprune.dlm.diffusion import noise_at_timesteps
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import Pattern, make_mask, parse_pattern
 from sinkprune.scores import magnitude_score, wanda_score
-from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K, window_sink_scores
+from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K, timestep_sink_scores
 from sinkprune.sparsegpt import sparsegpt_prune
 from sinkprune.structured import prune_block_structured
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink-wanda", "sink-sparsegpt")
 STATISTIC_OF = {"magnitude": None, "wanda": "input_square_sum", "sparsegpt": "hessian"}
 STRUCTURED_METHODS = ("magnitude", "wanda", "sink-wanda")
+CALIBRATIONS = ("clean", "noised")
+SINK_WEIGHTINGS = ("mean", "per-timestep")
 
 
 @dataclass
@@ -36,6 +38,11 @@ class PruneSettings:
     k: float = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
     batch_size: int = 8
+    # statistics from clean windows (the reference's) or from windows noised at every timestep
+    calibration: str = "noised"
+    # sink-aware methods: one score per position averaged over timesteps, or (noised calibration only)
+    # each noised window weighted by its own timestep's score, as the reference's sink-aware Wanda does
+    sink_weighting: str = "mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,31 +66,32 @@ def prune_model(
     settings: PruneSettings,
     calibration_windows: torch.Tensor | None = None,
     sink_scores: torch.Tensor | None = None,
-    storage_device: str | None = None,
+    hidden_states: str = "device",
+    hidden_dir: str | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Prune every linear of every block; returns the sparsity per layer.
 
-    `sink_scores` (windows, seq) may be given to reuse or control them; by
-    default sink-aware methods compute them on the dense model first.
+    `sink_scores` may be given to reuse or control them: (windows, seq), the
+    same at every timestep, or (timesteps, windows, seq); by default sink-aware
+    methods compute them on the dense model first. `hidden_states` and
+    `hidden_dir` say where calibration keeps its hidden states (`sinkprune.hidden_store`).
     """
-    if settings.method not in METHODS:
-        raise ValueError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-    pattern = parse_pattern(settings.pattern)
-    if pattern.kind == "structured" and settings.method not in STRUCTURED_METHODS:
-        raise ValueError(f"structured pruning supports {', '.join(STRUCTURED_METHODS)}, not {settings.method!r}")
+    pattern = check_settings(settings)
     statistic = STATISTIC_OF[settings.method.removeprefix("sink-")]
     if statistic is not None and calibration_windows is None:
         raise ValueError(f"method {settings.method!r} needs calibration windows")
     samples = row_weights = None
     if statistic is not None:
-        noisy = noise_at_timesteps(calibration_windows, settings.timesteps, model.config.mask_token_id, settings.seed)
-        samples = noisy.flatten(0, 1)  # (timesteps * windows, seq)
+        samples = calibration_windows
+        if settings.calibration == "noised":
+            noisy = noise_at_timesteps(calibration_windows, settings.timesteps, model.config.mask_token_id, settings.seed)
+            samples = noisy.flatten(0, 1)  # (timesteps * windows, seq)
         if settings.method.startswith("sink-"):
             if sink_scores is None:
-                sink_scores = window_sink_scores(model, calibration_windows, settings.timesteps, settings.seed,
-                                                 settings.k, settings.alpha, progress=progress)
-            row_weights = (1 - sink_scores).repeat(len(settings.timesteps), 1)
+                sink_scores = timestep_sink_scores(model, calibration_windows, settings.timesteps, settings.seed,
+                                                   settings.k, settings.alpha, settings.batch_size, progress)
+            row_weights = sample_row_weights(sink_scores, settings)
     sparsity: dict[str, float] = {}
     prefix = blocks_prefix(model)
 
@@ -99,10 +107,41 @@ def prune_model(
             sparsity[f"{prefix}.{index}.{name}"] = float((linear.weight == 0).float().mean())
 
     calibrate_sequentially(model, samples if samples is not None else torch.zeros(0, 1, dtype=torch.long),
-                           statistic, prune_block, row_weights, settings.batch_size, storage_device, progress)
+                           statistic, prune_block, row_weights, settings.batch_size, hidden_states, hidden_dir,
+                           progress)
     if pattern.kind == "structured":
         _shrink_config(model)
     return sparsity
+
+
+def check_settings(settings: PruneSettings) -> Pattern:
+    """The parsed pattern, or ValueError naming the first setting that cannot work (before any calibration)."""
+    if settings.method not in METHODS:
+        raise ValueError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+    pattern = parse_pattern(settings.pattern)
+    if pattern.kind == "structured" and settings.method not in STRUCTURED_METHODS:
+        raise ValueError(f"structured pruning supports {', '.join(STRUCTURED_METHODS)}, not {settings.method!r}")
+    if settings.calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration is one of {', '.join(CALIBRATIONS)}, not {settings.calibration!r}")
+    if settings.sink_weighting not in SINK_WEIGHTINGS:
+        raise ValueError(f"sink weighting is one of {', '.join(SINK_WEIGHTINGS)}, not {settings.sink_weighting!r}")
+    if settings.sink_weighting == "per-timestep" and settings.calibration != "noised":
+        raise ValueError("per-timestep sink weighting weights each noised window by its own timestep's score: "
+                         "it needs calibration 'noised'")
+    return pattern
+
+
+def sample_row_weights(sink_scores: torch.Tensor, settings: PruneSettings) -> torch.Tensor:
+    """(1 - sink score) for every calibration sample's positions, in the order the
+    samples are built: the windows (clean), or timestep-major noised windows."""
+    timesteps = len(settings.timesteps)
+    if sink_scores.dim() == 2:
+        sink_scores = sink_scores.expand(timesteps, *sink_scores.shape)
+    if settings.calibration == "clean":
+        return 1 - sink_scores.mean(0)
+    if settings.sink_weighting == "mean":
+        sink_scores = sink_scores.mean(0).expand_as(sink_scores)
+    return (1 - sink_scores).flatten(0, 1)
 
 
 def _shrink_config(model: DiffusionLM) -> None:

@@ -25,15 +25,17 @@ def sink_scores_from_mass(mass: torch.Tensor, k: float = DEFAULT_K, alpha: float
     return torch.sigmoid(alpha * (mass - (mean + k * std)))
 
 
-def window_sink_scores(
+def timestep_sink_scores(
     model: DiffusionLM,
     windows: torch.Tensor,
     timesteps: list[float],
     seed: int = 0,
     k: float = DEFAULT_K,
     alpha: float = DEFAULT_ALPHA,
+    batch_size: int = 8,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Sink score per (window, position), averaged over the noised timesteps."""
-    mass = collect_attention_mass(model, windows, timesteps, seed, progress=progress)  # (T, layers, W, L)
-    return sink_scores_from_mass(mass.sum(1), k, alpha).mean(0)
+    """Sink score per (timestep, window, position), each from that noised input's own mass."""
+    mass = collect_attention_mass(model, windows, timesteps, seed, batch_size, progress, sum_layers=True)
+    return sink_scores_from_mass(mass, k, alpha)
+

@@ -27,21 +27,40 @@ def collect_attention_mass(
     batch_size: int = 8,
     progress: bool = False,
     causal: bool = False,
+    sum_layers: bool = False,
 ) -> torch.Tensor:
-    """Mass per (timestep, layer, window, key position), float32 on the CPU.
+    """Mass per (timestep, layer, window, key position), float32 on the CPU;
+    with `sum_layers`, per (timestep, window, key position), summed over layers
+    (all that sink scores need: 1/layers of the memory, which counts at 8B scale).
 
     BOS is never masked, as at generation time; the noise depends only on
     `seed`. `causal=True` gives the AR-style comparison on the same model.
     """
     device = model.embed_weight.device
     noisy = noise_at_timesteps(windows, timesteps, model.config.mask_token_id, seed)
-    out = torch.zeros(len(timesteps), model.config.num_layers, *windows.shape)
+    layers = () if sum_layers else (model.config.num_layers,)
+    out = torch.zeros(len(timesteps), *layers, *windows.shape)
     jobs = [(i, lo) for i in range(len(timesteps)) for lo in range(0, len(windows), batch_size)]
-    for i, lo in tqdm(jobs, desc="attention mass", disable=not progress):
+    for i, lo in tqdm(jobs, desc="attention mass", disable=not progress, unit="batch"):
         chunk = noisy[i, lo:lo + batch_size].to(device)
-        masses = model(chunk, output_attention_mass=True, causal=causal).attention_mass
-        out[i, :, lo:lo + len(chunk)] = torch.stack(masses).float().cpu()
+        masses = torch.stack(layer_masses(model, chunk, causal)).float()
+        if sum_layers:
+            out[i, lo:lo + len(chunk)] = masses.sum(0).cpu()
+        else:
+            out[i, :, lo:lo + len(chunk)] = masses.cpu()
     return out
+
+
+def layer_masses(model: DiffusionLM, input_ids: torch.Tensor, causal: bool = False) -> list[torch.Tensor]:
+    """One (batch, seq) mass per layer: the blocks only, no output head (its logits
+    would be thrown away; at LLaDA-8B shape the head is 7% of a forward pass)."""
+    inputs = model.attention_inputs(input_ids, want_mass=True, causal=causal)
+    hidden = model.embed(input_ids)
+    masses = []
+    for block in model.blocks:
+        hidden, mass = block(hidden, inputs)
+        masses.append(mass)
+    return masses
 
 
 def summarize(mass: torch.Tensor, timesteps: list[float]) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from sinkprune.cli_args import add_unverified_flag, device
-from sinkprune.prune import METHODS
+from sinkprune.hidden_store import PLACES
+from sinkprune.prune import CALIBRATIONS, METHODS, SINK_WEIGHTINGS
 from sinkprune.safe_output import add_overwrite_flag
 from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
 
@@ -24,6 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=5, help="... for i = 0, every, 2 * every, ...")
     p.add_argument("--k", type=float, default=DEFAULT_K, help="sink threshold in standard deviations")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="sink sigmoid sharpness")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="noised",
+                   help="windows the statistics are gathered on: clean (the reference's) or noised at every "
+                        "timestep (default; sink scores always come from the noised windows)")
+    p.add_argument("--sink-weighting", choices=SINK_WEIGHTINGS, default="mean",
+                   help="sink-aware methods: the score averaged over timesteps (default), or each noised window "
+                        "weighted by its own timestep's score (the reference's sink-aware Wanda; --calibration noised)")
+    p.add_argument("--calibration-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype the model is calibrated in; auto: the stored dtype where the device computes it "
+                        "natively, else float32 (a CPU without bf16 instructions emulates bf16 several times slower)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--hidden-states", choices=PLACES, default="device",
+                   help="where calibration keeps its hidden states between blocks: device memory, host memory, "
+                        "or disk (one batch in memory; for 8B models with many windows, docs/CALIBRATION.md)")
+    p.add_argument("--hidden-dir", default=None, help="directory of the --hidden-states disk file (default: TMPDIR)")
     p.add_argument("--eval-windows", type=int, default=32, help="quality check at prune time (0: skip)")
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -34,17 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import copy
-
     import torch
 
     from sinkprune.artifact import write_artifact
     from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError
-    from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
-    from sinkprune.evaluate import compare_models, text_windows
+    from sinkprune.compute_dtype import calibration_dtype
+    from sinkprune.dlm.likelihood import estimate_nll
+    from sinkprune.dlm.loading import ModelLoadError, config_dtype, load_model, read_config, resolve_model_dir
+    from sinkprune.evaluate import paired_report, text_windows
     from sinkprune.masks import check_pattern_fits, parse_pattern
-    from sinkprune.prune import PruneSettings, prune_model
+    from sinkprune.prune import PruneSettings, check_settings, prune_model
     from sinkprune.safe_output import check_output
 
     if args.calibration_windows < 1 or args.every < 1 or args.diffusion_steps < args.every:
@@ -53,22 +68,34 @@ def run(args: argparse.Namespace) -> int:
         pattern = parse_pattern(args.pattern)
         source = resolve_model_dir(args.model)
         check_output(args.out_dir, args.overwrite, [source])
-        model, tokenizer = load_model(source, device=args.device, allow_unverified=args.unverified)
+        stored = config_dtype(read_config(source))
+        compute = calibration_dtype(args.device, stored) if args.calibration_dtype == "auto" \
+            else getattr(torch, args.calibration_dtype)
+        model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified)
         check_pattern_fits(pattern, {name: m.in_features for name, m in prunable_linears(model).items()})
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
     settings = PruneSettings(args.method, args.pattern, default_timesteps(args.diffusion_steps, args.every),
-                             args.seed, args.k, args.alpha)
+                             args.seed, args.k, args.alpha, args.batch_size, args.calibration, args.sink_weighting)
+    try:
+        check_settings(settings)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     windows = text_windows(tokenizer, "calibration", args.calibration_windows, args.seq_len)
-    dense = copy.deepcopy(model) if args.eval_windows else None
-    sparsity = prune_model(model, settings, windows, progress=True)
+    print(f"calibrating in {str(compute).replace('torch.', '')} (stored {str(stored).replace('torch.', '')})")
+    scored = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len) if args.eval_windows else None
+    # dense quality first, on the same masks as the pruned model later: a paired delta without a second copy
+    dense = estimate_nll(model, scored, args.eval_samples, progress=True) if scored is not None else None
+    sparsity = prune_model(model, settings, windows, hidden_states=args.hidden_states, hidden_dir=args.hidden_dir,
+                           progress=True)
     manifest = {"base_model": str(args.model), **settings.to_dict(),
                 "sparsity": sum(sparsity.values()) / len(sparsity), "per_layer_sparsity": sparsity,
-                "calibration": {"windows": len(windows), "seq_len": args.seq_len, "split": "calibration"}}
+                "calibration": {"inputs": settings.calibration, "windows": len(windows), "seq_len": args.seq_len,
+                                "split": "calibration", "dtype": str(compute).replace("torch.", "")}}
     if dense is not None:
-        eval_windows = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len)
-        manifest["quality"] = compare_models({"dense": dense, "pruned": model}, eval_windows, args.eval_samples)
-    out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else None,
+        pruned = estimate_nll(model, scored, args.eval_samples, progress=True)
+        manifest["quality"] = paired_report({"dense": dense, "pruned": pruned})
+    out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else stored,
                          source_dir=source, overwrite=args.overwrite)
     print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
     if dense is not None:
