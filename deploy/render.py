@@ -11,12 +11,13 @@ else in the manifests is written by hand and left as it is.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
 import yaml
+
+from sinkprune.cli_args import Parser, error_line
 
 DEPLOY = Path(__file__).resolve().parent
 # (manifest, key, source, the key's value is a literal block scalar)
@@ -70,14 +71,18 @@ def _find_key(node, key):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python deploy/render.py", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a manifest is out of date")
     args = parser.parse_args(argv)
     stale = []
     for manifest_path, key, source_path, literal in EMBEDDED:
-        manifest, source = manifest_path.read_text(), source_path.read_text()
-        rendered = embed(manifest, key, source, literal)
-        check_embedded(rendered, key, source, literal)
+        try:
+            manifest, source = manifest_path.read_text(), source_path.read_text()
+            rendered = embed(manifest, key, source, literal)
+            check_embedded(rendered, key, source, literal)
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return error_line("python deploy/render.py", f"{manifest_path.name} / {source_path.name}: {detail}")
         if rendered == manifest:
             continue
         rel, src = manifest_path.relative_to(DEPLOY.parent), source_path.relative_to(DEPLOY.parent)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,12 +17,16 @@ from loadtest.client import RequestRecord, Target, send_completion
 from loadtest.prompts import load_prompts
 from loadtest.runner import Phase, run_phase
 from loadtest.summary import summarize_by_variant
+from sinkprune.cli_args import Parser, error_line, existing_file
+from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
+
+PROG = "python -m loadtest"
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.splitlines()[0])
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="sinkserve", help="the `model` field of each request")
     mode = p.add_mutually_exclusive_group()
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=120.0, help="per sweep point; unsent requests are dropped")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=24)
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: evaluation text)")
+    p.add_argument("--prompts", default=None, type=existing_file, help="a text file, one prompt per line (default: evaluation text)")
     p.add_argument("--variant", default=None, help="force a variant (x-dlm-variant header); default: the A/B router")
     p.add_argument("--users", type=int, default=64, help="distinct user ids cycled through (sticky assignment)")
     p.add_argument("--chat", action="store_true",
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs/loadtest")
+    p.add_argument("--out-dir", default="runs/loadtest", help="must be new or empty (or --overwrite)")
+    add_overwrite_flag(p)
     p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not loopback")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -64,17 +68,32 @@ def validate(args) -> None:
         raise ValueError(f"--base-url host {host!r} is not loopback; pass --allow-remote to load a remote endpoint")
     if args.num_requests < 1 or args.max_seconds <= 0 or args.max_tokens < 1 or args.users < 1:
         raise ValueError("--num-requests, --max-seconds, --max-tokens and --users must be positive")
-    for phase in phases(args):
+    flag = "--rates" if args.rates else "--concurrencies"
+    try:
+        points = phases(args)
+    except ValueError:
+        raise ValueError(f"{flag} {args.rates or args.concurrencies!r} is not a comma-separated list of "
+                         f"{'numbers' if args.rates else 'integers'}") from None
+    for phase in points:
         if (phase.rate is not None and phase.rate <= 0) or (phase.concurrency is not None and phase.concurrency < 1):
             raise ValueError("rates must be > 0 and concurrencies >= 1")
 
 
-async def run(args) -> dict:
+def parse_extra(spec: str | None) -> dict | None:
+    if not spec:
+        return None
+    try:
+        extra = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--extra is not valid JSON: {err}") from err
+    if not isinstance(extra, dict):
+        raise ValueError("--extra must be a JSON object, e.g. '{\"steps\": 16}'")
+    return extra
+
+
+async def run(args, out: Path, prompts: list[str], extra: dict | None) -> dict:
+    """Run every phase; records.jsonl and summary.json go to `out`."""
     target = Target(args.base_url, args.model, args.api_key, args.timeout, chat=args.chat)
-    extra = json.loads(args.extra) if args.extra else None
-    prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -112,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-        if args.extra:
-            json.loads(args.extra)
-    except (ValueError, json.JSONDecodeError) as err:
-        print(f"loadtest: error: {err}", file=sys.stderr)
-        return 2
-    report = asyncio.run(run(args))
+        extra = parse_extra(args.extra)
+        prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
+        check_output(args.out_dir, args.overwrite)
+    except (ValueError, OSError) as err:
+        return error_line(PROG, str(err))
+    with staged_output(args.out_dir, args.overwrite) as out:
+        report = asyncio.run(run(args, out, prompts, extra))
     if not args.quiet:
         print_table(report)
         print(f"wrote {Path(args.out_dir) / 'records.jsonl'} and {Path(args.out_dir) / 'summary.json'}")

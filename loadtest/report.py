@@ -8,11 +8,15 @@ manifest (paired NLL measured at prune time).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from sinkprune.cli_args import Parser, error_line, existing_file
+from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
+
+PROG = "python -m loadtest.report"
 
 REQUESTS_METRIC = "ray_sinkserve_requests"
 
@@ -131,36 +135,60 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True,
-                        help="VARIANT=DIR or routed=DIR: a loadtest --out-dir (VARIANT: the forced variant)")
-    parser.add_argument("--pruned-artifact", default=None, help="its sinkprune.json gives the quality")
-    parser.add_argument("--metrics-before", default=None)
-    parser.add_argument("--metrics-after", default=None)
-    parser.add_argument("--price-per-hour", type=float, default=1.0)
-    parser.add_argument("--price-unit", default="USD per CPU-hour")
-    parser.add_argument("--out-dir", default="runs/report")
-    args = parser.parse_args(argv)
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file the report needs, or ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what}: {path} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what}: {path} cannot be read as JSON: {err}") from None
+
+
+def load_inputs(args) -> tuple[list[dict], dict | None, dict | None]:
+    """The load-test runs, the artifact's manifest and the server's counts named on the command line."""
     phases = []
     for spec in args.run:
-        name, _, directory = spec.partition("=")
-        summary = json.loads((Path(directory) / "summary.json").read_text())
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--run {spec!r} is not VARIANT=DIR (e.g. dense=runs/load_dense)")
+        summary = read_json(Path(directory) / "summary.json", f"--run {spec}")
         phases.append({**summary, "variant_forced": None if name == "routed" else name})
-    manifest = json.loads((Path(args.pruned_artifact) / "sinkprune.json").read_text()) if args.pruned_artifact else None
+    manifest = None
+    if args.pruned_artifact:
+        manifest = read_json(Path(args.pruned_artifact) / "sinkprune.json", "--pruned-artifact")
     server = None
     if args.metrics_before and args.metrics_after:
         server = count_delta(server_counts(Path(args.metrics_before).read_text()),
                              server_counts(Path(args.metrics_after).read_text()))
+    return phases, manifest, server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True,
+                        help="VARIANT=DIR or routed=DIR: a loadtest --out-dir (VARIANT: the forced variant)")
+    parser.add_argument("--pruned-artifact", default=None, help="its sinkprune.json gives the quality")
+    parser.add_argument("--metrics-before", default=None, type=existing_file)
+    parser.add_argument("--metrics-after", default=None, type=existing_file)
+    parser.add_argument("--price-per-hour", type=float, default=1.0)
+    parser.add_argument("--price-unit", default="USD per CPU-hour")
+    parser.add_argument("--out-dir", default="runs/report", help="must be new or empty (or --overwrite)")
+    add_overwrite_flag(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_output(args.out_dir, args.overwrite)
+        phases, manifest, server = load_inputs(args)
+    except ValueError as err:
+        return error_line(PROG, str(err))
     report = build_report(phases, manifest, server, args.price_per_hour, args.price_unit)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (out / "report.md").write_text(table)
-    png = plot(report, out / "latency_vs_throughput.png")
+    with staged_output(args.out_dir, args.overwrite) as out:
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(table)
+        plot(report, out / "latency_vs_throughput.png")
     print(table)
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {png}")
+    print(f"wrote report.md, report.json and latency_vs_throughput.png to {args.out_dir}")
     return 0
 
 

@@ -74,7 +74,8 @@ def main() -> int:
     step("1/4 prune: sink-aware Wanda, 2:4, calibration on noised windows")
     pruned = out / "pruned"
     run("-m", "sinkprune", "prune", "--model", args.model, "--method", "sink-wanda", "--pattern", "2:4",
-        "--calibration-windows", "32", "--eval-windows", "32", "--device", args.device, "--out-dir", str(pruned))
+        "--calibration-windows", "32", "--eval-windows", "32", "--device", args.device, "--out-dir", str(pruned),
+        "--overwrite")  # the demo replaces the stages of its own earlier runs, nothing else
 
     step("2/4 serve: Ray Serve, dense and pruned replicas behind the A/B router")
     from serve.local import free_port
@@ -95,9 +96,9 @@ def main() -> int:
                   "--max-seconds", "300", "--extra", json.dumps({"steps": args.max_tokens})]
         for variant in ("dense", "pruned"):
             run("-m", "loadtest", *common, "--concurrencies", args.concurrencies, "--variant", variant,
-                "--out-dir", str(out / f"load_{variant}"))
+                "--out-dir", str(out / f"load_{variant}"), "--overwrite")
             runs += ["--run", f"{variant}={out / f'load_{variant}'}"]
-        run("-m", "loadtest", *common, "--concurrencies", "4", "--out-dir", str(out / "load_routed"))
+        run("-m", "loadtest", *common, "--concurrencies", "4", "--out-dir", str(out / "load_routed"), "--overwrite")
         runs += ["--run", f"routed={out / 'load_routed'}"]
         sent_ok = sum(json.loads(line)["ok"] for name in ("dense", "pruned", "routed")
                       for line in (out / f"load_{name}" / "records.jsonl").read_text().splitlines())
@@ -106,7 +107,7 @@ def main() -> int:
         step("4/4 the A/B report")
         run("-m", "loadtest.report", *runs, "--pruned-artifact", str(pruned),
             "--metrics-before", str(out / "metrics_before.txt"), "--metrics-after", str(out / "metrics_after.txt"),
-            "--price-per-hour", str(args.price_per_hour), "--out-dir", str(out / "report"))
+            "--price-per-hour", str(args.price_per_hour), "--out-dir", str(out / "report"), "--overwrite")
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from sinkprune.cli_args import Formatter, Parser, version_string
+from sinkprune.cli_args import Formatter, Parser, error_line, version_string
 
 COMMAND_MODULES = [
     "sinkprune.commands.generate",
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, OutputError, ModelLoadError) as err:
-        print(f"sinkprune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return error_line(f"sinkprune {args.command}", str(err))
 
 
 if __name__ == "__main__":

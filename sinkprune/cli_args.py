@@ -35,13 +35,13 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
-        fail(self.prog, f"{message} (see {self.prog} --help)")
+        raise SystemExit(error_line(self.prog, f"{message} (see {self.prog} --help)"))
 
 
-def fail(prog: str, message: str):
-    """Print the one-line error and exit 2."""
+def error_line(prog: str, message: str) -> int:
+    """Print the one-line error; returns the exit code, 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    return 2
 
 
 def version_string() -> str:
@@ -84,3 +84,25 @@ def add_unverified_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unverified", action="store_true",
                         help="load a model directory that declares a sparsity/quantization config without a "
                              "matching sinkprune.json (warns)")
+
+
+def existing_file(value: str) -> str:
+    """argparse `type=` for an input file that must exist."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file {value!r} does not exist" if not path.exists()
+                                         else f"{value!r} is not a file")
+    return value
+
+
+def port_number(value: str) -> int:
+    """argparse `type=` for a TCP port."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535")
+    return port

@@ -22,9 +22,26 @@ from sinkprune.dlm.config import DLMConfig
 from sinkprune.dlm.diffusion import add_noise
 from sinkprune.dlm.loading import build_model, save_model
 from sinkprune.dlm.model import DiffusionLM
+from sinkprune.safe_output import staged_output
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
+FINAL = "final"
+TOKEN_CACHES = ("train_tokens.npy", "eval_tokens.npy")
+RUN_FILES = {CHECKPOINT, CHECKPOINT + ".tmp", LOG, FINAL, *TOKEN_CACHES}
+
+
+def is_run_dir(out: Path) -> bool:
+    """True if `out` holds nothing but what `train` writes there (a run to resume, or a new one)."""
+    return out.is_dir() and all(p.name in RUN_FILES or p.name.startswith(f".{FINAL}.partial-")
+                                for p in out.iterdir())
+
+
+def checkpoint_config(out: Path) -> dict | None:
+    """The model config of the run's checkpoint (None without one)."""
+    if not (out / CHECKPOINT).is_file():
+        return None
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["train_config"]["model"]
 
 
 @dataclass
@@ -158,7 +175,8 @@ def train(
                 break
     finished = step + 1 >= cfg.steps
     if finished and tokenizer is not None:
-        save_model(model, out / "final", tokenizer=tokenizer)
+        with staged_output(out / FINAL, overwrite=True) as staging:
+            save_model(model, staging, tokenizer=tokenizer)
     return {"steps_done": step + 1, "finished": finished, "elapsed_s": time.monotonic() - began,
             "eval_loss": eval_loss(model, eval_windows, cfg.seed)}
 

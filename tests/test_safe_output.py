@@ -132,3 +132,31 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_train_resumes_its_own_run_refuses_others_and_overwrite_starts_over(tmp_path, capsys):
+    """`sinkprune train` writes into its run directory: a run there is resumed (that is not
+    overwriting), a run of another model or foreign files are refused, --overwrite starts over."""
+    from sinkprune.cli import main
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f"line {i}: the function returns a value and the table has rows." for i in range(400)))
+    run = tmp_path / "run"
+    flags = ["train", "--train", str(text), "--out-dir", str(run), "--d-model", "32", "--heads", "2", "--layers", "1",
+             "--mlp-hidden", "64", "--seq-len", "32", "--batch-size", "2", "--eval-every", "100",
+             "--checkpoint-every", "1", "--warmup", "1"]
+
+    def log_steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+    assert main(flags + ["--steps", "1"]) == 0
+    assert main(flags + ["--steps", "2"]) == 0
+    assert "resuming the run" in capsys.readouterr().out
+    assert log_steps() == [1, 2] and (run / "final" / "config.json").is_file()
+    assert main(flags[:-2] + ["--warmup", "1", "--steps", "3", "--d-model", "64", "--heads", "2"]) == 2
+    assert "holds a run of another model" in capsys.readouterr().err
+    assert main(flags + ["--steps", "1", "--overwrite"]) == 0
+    assert log_steps() == [1]
+    (run / "notes.txt").write_text("mine")
+    assert main(flags + ["--steps", "2"]) == 2
+    assert "did not write" in capsys.readouterr().err and (run / "notes.txt").read_text() == "mine"

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from sinkprune.cli_args import add_unverified_flag, device
 from sinkprune.prune import METHODS
+from sinkprune.safe_output import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--diffusion-steps", type=int, default=50)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--out-dir", default="runs/compare")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
+    add_overwrite_flag(p)
+    add_unverified_flag(p)
     p.set_defaults(func=run)
 
 
@@ -39,12 +42,13 @@ def _calibration_draw(tokenizer, windows: int, seq_len: int, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkprune.calibration import default_timesteps
+    from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError
     from sinkprune.compare import CompareSettings, markdown_table, run_comparison
-    from sinkprune.dlm.loading import ModelLoadError, load_model
+    from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
     from sinkprune.evaluate import text_windows
-    from sinkprune.masks import parse_pattern
+    from sinkprune.masks import check_pattern_fits, parse_pattern
+    from sinkprune.safe_output import check_output, staged_output
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -52,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     patterns = [p for p in args.patterns.split(",") if p]
     try:
-        for pattern in patterns:
-            parse_pattern(pattern)
+        parsed = [parse_pattern(pattern) for pattern in patterns]
         seeds = [int(s) for s in args.calibration_seeds.split(",") if s]
-        model, tokenizer = load_model(args.model, device=args.device)
+        source = resolve_model_dir(args.model)
+        check_output(args.out_dir, args.overwrite, [source])
+        model, tokenizer = load_model(source, device=args.device, allow_unverified=args.unverified)
+        for pattern in parsed:
+            check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
     settings = CompareSettings(methods, patterns, seeds, default_timesteps(args.diffusion_steps, args.every),
@@ -65,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
     report = run_comparison(model, calibration, eval_windows, settings)
     report["settings"] |= {"model": str(args.model), "calibration_windows": args.calibration_windows,
                            "eval_windows": len(eval_windows), "seq_len": args.seq_len}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
-    (out / "compare.md").write_text(table)
+    with staged_output(args.out_dir, args.overwrite, [source]) as out:
+        (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "compare.md").write_text(table)
     print(table)
-    print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    print(f"wrote compare.json and compare.md to {args.out_dir}")
     return 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from sinkprune.data import corpus, tokenizer
+from sinkprune.safe_output import add_overwrite_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        metavar="PKG", help="Debian documentation packages (default: %(default)s)")
     build.add_argument("--heldout-dir", type=Path, default=corpus.PACKAGE_CORPUS_DIR,
                        help="where calibration/evaluation .txt.gz go (default: the package data)")
+    add_overwrite_flag(build)
     build.set_defaults(func=run_build_corpus)
 
     train = subparsers.add_parser(
@@ -37,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "sinkprune/data/tokenizer)")
     train.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
                        help="vocabulary size including special tokens (default: %(default)s)")
+    add_overwrite_flag(train)
     train.set_defaults(func=run_train_tokenizer)
 
 
@@ -49,7 +52,7 @@ def run_build_corpus(args: argparse.Namespace) -> int:
         raise UsageError(f"--packages: not Debian package names: {', '.join(bad)}")
     try:
         stats = corpus.build_corpus(args.out_dir, args.cache_dir, args.packages,
-                                    heldout_dir=args.heldout_dir)
+                                    heldout_dir=args.heldout_dir, overwrite=args.overwrite)
     except RuntimeError as err:
         raise UsageError(str(err)) from err
     for split in stats["splits"].values():
@@ -61,12 +64,14 @@ def run_build_corpus(args: argparse.Namespace) -> int:
 def run_train_tokenizer(args: argparse.Namespace) -> int:
     """Train the tokenizer and print where it went."""
     from sinkprune.cli import UsageError
+    from sinkprune.safe_output import staged_output
 
     if not args.train.is_file():
         raise UsageError(f"--train: {args.train} not found; build it with "
                          f"`{corpus.BUILD_COMMAND}` or pass a text file")
     if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:
         raise UsageError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE}")
-    out = tokenizer.train_tokenizer(args.train, args.out_dir, args.vocab_size)
-    print(f"tokenizer written to {out}")
+    with staged_output(args.out_dir, args.overwrite) as staging:
+        tokenizer.train_tokenizer(args.train, staging, args.vocab_size)
+    print(f"tokenizer written to {args.out_dir}")
     return 0

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sinkprune.cli_args import add_unverified_flag, device, existing_file
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="masked-diffusion NLL of one or more models; later ones paired with the first")
@@ -13,9 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=16, help="Monte-Carlo samples per window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text", nargs="*", default=None, help="local text files (default: the shipped evaluation split)")
+    p.add_argument("--text", nargs="*", default=None, type=existing_file, help="local text files (default: the shipped evaluation split)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
+    add_unverified_flag(p)
     p.set_defaults(func=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.windows < 2 or args.samples < 1:
         raise UsageError("--windows must be >= 2 and --samples >= 1")
     try:
-        loaded = {name: load_model(name, device=args.device) for name in args.model}
+        loaded = {name: load_model(name, device=args.device, allow_unverified=args.unverified) for name in args.model}
     except ModelLoadError as err:
         raise UsageError(str(err)) from err
     tokenizer = next(iter(loaded.values()))[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from sinkprune.cli_args import add_unverified_flag, device
 from sinkprune.dlm.decoding import POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
                    help="Fast-dLLM's PrefixCache or DualCache (approximations; no --cfg-scale with them)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
+    add_unverified_flag(p)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's own")
     p.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cache != "none" and args.cfg_scale > 0:
         raise UsageError(f"--cache {args.cache} does not support --cfg-scale > 0")
     try:
-        model, tokenizer = load_model(args.model, device=args.device,
+        model, tokenizer = load_model(args.model, device=args.device, allow_unverified=args.unverified,
                                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     except ModelLoadError as err:
         raise UsageError(str(err)) from err

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         compute = calibration_dtype(args.device, stored) if args.calibration_dtype == "auto" \
             else getattr(torch, args.calibration_dtype)
         model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified)
-        check_pattern_fits(pattern, {name: m.in_features for name, m in prunable_linears(model).items()})
+        check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
     settings = PruneSettings(args.method, args.pattern, default_timesteps(args.diffusion_steps, args.every),

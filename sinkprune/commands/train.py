@@ -7,14 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
+from sinkprune.cli_args import device, existing_file
 from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
-
+from sinkprune.safe_output import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small masked-diffusion LM (the embedded default) from scratch")
-    p.add_argument("--out-dir", default="runs/train", help="checkpoints, log and final model (resumes if present)")
-    p.add_argument("--train", default=None, help="training text (default: runs/corpus/train.txt, see build-corpus)")
+    p.add_argument("--out-dir", default="runs/train",
+                   help="checkpoints, log and final model; a run there is resumed, any other content refused")
+    p.add_argument("--train", default=None, type=existing_file, help="training text (default: runs/corpus/train.txt, see build-corpus)")
     p.add_argument("--tokenizer", default=str(PACKAGE_TOKENIZER_DIR))
     p.add_argument("--d-model", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
@@ -31,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (3x faster on CPUs with AVX512-BF16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch: replace the out-dir (a run in it is discarded, not resumed)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from sinkprune.cli import UsageError
     from sinkprune.dlm.config import DLMConfig
     from sinkprune.dlm.loading import load_tokenizer
-    from sinkprune.train import TrainConfig, train
+    from sinkprune.safe_output import check_output, staged_output
+    from sinkprune.train import TrainConfig, checkpoint_config, is_run_dir, train
 
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
@@ -62,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no tokenizer.json in {args.tokenizer} (run `sinkprune train-tokenizer`)")
     tokenizer = load_tokenizer(args.tokenizer)
     out = Path(args.out_dir)
+    sources = [args.tokenizer] + ([args.train] if args.train else [])
+    check_output(out, overwrite=True, sources=sources)
+    if args.overwrite and out.exists():
+        with staged_output(out, overwrite=True, sources=sources):
+            pass  # the run directory is replaced by an empty one
+    elif out.exists() and not is_run_dir(out):
+        raise UsageError(f"output directory {out} holds files that `sinkprune train` did not write; "
+                         "pass --overwrite to replace it, or choose another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
     try:
         train_windows = _windows(args.train, "train", tokenizer, args.seq_len, out / "train_tokens.npy")
@@ -75,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
         "rms_norm_eps": 1e-5, "mask_token_id": tokenizer.mask_token_id, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
     })
+    resumed = checkpoint_config(out)
+    if resumed is not None and resumed != model_config.to_hf_config():
+        raise UsageError(f"{out} holds a run of another model (its checkpoint's config differs from these "
+                         "flags); pass the same flags to resume it, --overwrite to start over, or another --out-dir")
+    if resumed is not None:
+        print(f"train: resuming the run in {out}")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                       bf16=args.bf16, compile=args.compile, max_minutes=args.max_minutes,

@@ -17,6 +17,7 @@ import fnmatch
 import gzip
 import hashlib
 import importlib.resources
+import io
 import json
 import re
 import shutil
@@ -375,15 +376,23 @@ def parse_documents(text: str) -> list[str]:
     return [doc.strip("\n") for doc in docs if doc.strip()]
 
 
-def _write_split(path: Path, documents: Sequence[str]) -> None:
-    """Write plain or gzip text; gzip without name or time so bytes are reproducible."""
+def _encode_split(path: Path, documents: Sequence[str]) -> bytes:
+    """Plain or gzip text (by `path`'s suffix); gzip without name or time so bytes are reproducible."""
     data = format_documents(documents).encode("utf-8")
+    if path.suffix != ".gz":
+        return data
+    buffer = io.BytesIO()
+    with gzip.GzipFile("", "wb", 9, buffer, mtime=0) as out:
+        out.write(data)
+    return buffer.getvalue()
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, then rename it over `path` (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        with path.open("wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as out:
-            out.write(data)
-    else:
-        path.write_bytes(data)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def _read_text(path: Path) -> str:
@@ -458,15 +467,26 @@ def build_corpus(
     packages: Sequence[str] = DEFAULT_PACKAGES,
     progress: bool = True,
     heldout_dir: str | Path | None = PACKAGE_CORPUS_DIR,
+    overwrite: bool = False,
 ) -> dict:
     """Download, extract, clean and split the corpus; returns (and writes) its stats.
 
-    `train.txt` and `stats.json` go to `out_dir`; the held-out splits go to
-    `heldout_dir` (by default the package data, where they are committed) or
-    to `out_dir` when it is None.
+    `train.txt` and `stats.json` go to `out_dir`, which appears whole when done and
+    must be new or empty unless `overwrite` (`staged_output`); the held-out splits go
+    to `heldout_dir` (by default the package data, where they are committed) or to
+    `out_dir` when it is None. Held-out files that exist with other bytes are only
+    replaced with `overwrite` (checked before any is written; identical ones stay).
     """
+    from sinkprune.safe_output import staged_output
+
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
-    heldout_dir = Path(heldout_dir) if heldout_dir is not None else out_dir
+    with staged_output(out_dir, overwrite) as staging:
+        return _build(staging, out_dir, cache_dir, packages, progress,
+                      Path(heldout_dir) if heldout_dir is not None else None, overwrite)
+
+
+def _build(staging: Path, out_dir: Path, cache_dir: Path, packages: Sequence[str], progress: bool,
+           heldout_dir: Path | None, overwrite: bool) -> dict:
     documents: dict[str, list[str]] = {}
     package_stats = {}
     for name in sorted(set(packages)):
@@ -480,15 +500,24 @@ def build_corpus(
             "bytes": sum(len(_document_text(p).encode("utf-8")) for p in found.values()),
         }
     splits = split_documents(documents)
-    paths = {"train": out_dir / "train.txt"} | {
-        name: heldout_dir / f"{name}.txt.gz" for name in HELDOUT_SPLITS
+    final = {"train": out_dir / "train.txt"} | {
+        name: (heldout_dir or out_dir) / f"{name}.txt.gz" for name in HELDOUT_SPLITS
     }
+    written = {name: staging / path.name if heldout_dir is None or name == "train" else path
+               for name, path in final.items()}
+    texts = {name: [_document_text(paragraphs) for _, paragraphs in docs] for name, docs in splits.items()}
+    payload = {name: _encode_split(final[name], texts[name]) for name in splits}
+    changed = [str(written[name]) for name in splits if written[name].is_file()
+               and written[name].read_bytes() != payload[name]]
+    if changed and not overwrite:
+        from sinkprune.safe_output import OutputError
+
+        raise OutputError(f"{', '.join(changed)} exist with other content; pass --overwrite to replace them")
     stats = {"packages": package_stats, "separator": DOC_SEPARATOR, "splits": {}}
     for name, docs in splits.items():
-        texts = [_document_text(paragraphs) for _, paragraphs in docs]
-        _write_split(paths[name], texts)
-        stats["splits"][name] = _split_stats(docs, texts, paths[name])
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        _replace_file(written[name], payload[name])
+        stats["splits"][name] = _split_stats(docs, texts[name], written[name]) | {"path": str(final[name])}
+    (staging / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
 

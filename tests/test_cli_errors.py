@@ -1,0 +1,169 @@
+"""Every command-line entry point answers bad input with exit code 2 and one line naming
+what is wrong: never a traceback, never a usage block."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import random_model, tiny_hf_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny dense model directory (with the shipped tokenizer), a 2:4 directory without its
+    manifest, a non-empty directory, and a file of prompts."""
+    from sinkprune.artifact import write_artifact
+    from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
+    from sinkprune.dlm import DLMConfig, build_model
+    from sinkprune.dlm.artifact_io import MANIFEST
+    from sinkprune.dlm.loading import load_tokenizer, save_model
+    from sinkprune.prune import PruneSettings, prune_model
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer(PACKAGE_TOKENIZER_DIR)
+    hf = tiny_hf_config("llada") | {"vocab_size": len(tokenizer), "embedding_size": len(tokenizer),
+                                    "mask_token_id": tokenizer.mask_token_id, "bos_token_id": 0}
+    save_model(build_model(DLMConfig.from_hf_config(hf)), root / "dense", tokenizer=tokenizer)
+    model = random_model("llada", dtype=torch.float32)
+    prune_model(model, PruneSettings("magnitude", "2:4", [0.5]), torch.randint(3, 90, (2, 8)))
+    write_artifact(model, root / "nomanifest", None, {"pattern": "2:4"})
+    (root / "nomanifest" / MANIFEST).unlink()
+    (root / "full").mkdir()
+    (root / "full" / "results.json").write_text("{}")
+    (root / "run").mkdir()
+    (root / "run" / "notes.txt").write_text("not a training run")
+    return root
+
+
+def _sinkprune(*argv):
+    from sinkprune.cli import main
+
+    return main(list(argv))
+
+
+def _loadtest(*argv):
+    from loadtest.cli import main
+
+    return main(list(argv))
+
+
+def _report(*argv):
+    from loadtest.report import main
+
+    return main(list(argv))
+
+
+def _serve_local(monkeypatch, *argv):
+    from serve import local
+
+    monkeypatch.setattr(sys, "argv", ["serve.local", *argv])
+    monkeypatch.setattr(local, "local_app", lambda *a, **k: pytest.fail("started serving on bad input"))
+    return local.main()
+
+
+def _render(monkeypatch, *argv, missing: bool = False):
+    spec = importlib.util.spec_from_file_location("deploy_render_cli", ROOT / "deploy" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    if missing:
+        manifest, key, _, literal = render.EMBEDDED[0]
+        monkeypatch.setattr(render, "EMBEDDED", [(manifest, key, ROOT / "deploy" / "no-such-serve.yaml", literal)])
+    return render.main(list(argv))
+
+
+def _no_calibration(*args, **kwargs):
+    raise AssertionError("calibration started before the pattern was checked")
+
+
+# (entry point, arguments, what the one line must name); `{d}` is the fixture's directory
+CASES = [
+    ("sinkprune", ["frobnicate"], "invalid choice: 'frobnicate'"),
+    ("sinkprune", ["eval", "--model", "x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--device", "cuda"],
+     "device 'cuda' is not available on this machine; available: cpu"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--device", "cuda:1"], "device 'cuda:1' is not available"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--device", "gpu0"], "'gpu0' is not a device name; available: cpu"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--pattern", "2:3"],
+     "pattern 2:3 does not fit layer model.transformer.blocks.0.q_proj: its 64 input features"),
+    ("sinkprune", ["compare", "--model", "{d}/dense", "--out-dir", "{d}/c", "--patterns", "2:4,2:3"],
+     "pattern 2:3 does not fit layer"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--pattern", "half"], "unknown pattern 'half'"),
+    ("sinkprune", ["prune", "--model", "{d}/missing", "--out-dir", "{d}/p"], "missing' does not exist"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/dense", "--overwrite"],
+     "is the source"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/full"], "full is not empty; pass --overwrite"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--calibration-windows", "many"],
+     "argument --calibration-windows: invalid int value: 'many'"),
+    ("sinkprune", ["generate", "--model", "{d}/nomanifest", "--prompt", "hi"], "sinkprune.json is missing"),
+    ("sinkprune", ["analyze", "--model", "{d}/dense", "--text", "{d}/missing.txt", "--out-dir", "{d}/a"],
+     "missing.txt' does not exist"),
+    ("sinkprune", ["eval", "--model", "{d}/dense", "--windows", "1"], "--windows must be >= 2"),
+    ("sinkprune", ["train", "--out-dir", "{d}/run"], "holds files that `sinkprune train` did not write"),
+    ("sinkprune", ["ship", "--run", "{d}/missing"], "has no final/ model"),
+    ("sinkprune", ["train-tokenizer", "--train", "{d}/missing.txt"], "missing.txt not found"),
+    ("loadtest", ["--prompts", "{d}/missing.txt"], "missing.txt' does not exist"),
+    ("loadtest", ["--rates", "fast"], "--rates 'fast' is not a comma-separated list of numbers"),
+    ("loadtest", ["--out-dir", "{d}/full"], "full is not empty; pass --overwrite"),
+    ("loadtest", ["--extra", "[1, 2]"], "--extra must be a JSON object"),
+    ("report", ["--run", "dense={d}/missing"], "--run dense={d}/missing: {d}/missing/summary.json does not exist"),
+    ("report", ["--run", "{d}/full"], "is not VARIANT=DIR"),
+    ("report", ["--run", "dense={d}/full", "--metrics-before", "{d}/nope.txt"], "nope.txt' does not exist"),
+    ("serve.local", ["--port", "99999"], "argument --port: port 99999 is outside 1..65535"),
+    ("serve.local", ["--pruned", "{d}/missing"], "missing' does not exist"),
+    ("render", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ("render", ["--check", "missing"], "no-such-serve.yaml"),
+]
+
+
+@pytest.mark.parametrize("entry, argv, expected", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_bad_input_gives_exit_2_and_one_line_naming_it(dirs, monkeypatch, capsys, entry, argv, expected):
+    import sinkprune.prune
+
+    monkeypatch.setattr(sinkprune.prune, "prune_model", _no_calibration)
+    monkeypatch.chdir(dirs)
+    argv = [a.replace("{d}", str(dirs)) for a in argv]
+    expected = expected.replace("{d}", str(dirs))
+    calls = {"sinkprune": _sinkprune, "loadtest": _loadtest, "report": _report,
+             "serve.local": lambda *a: _serve_local(monkeypatch, *a),
+             "render": lambda *a: _render(monkeypatch, *(x for x in a if x != "missing"), missing="missing" in a)}
+    try:
+        code = calls[entry](*argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert ": error: " in lines[0] and expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-m", "sinkprune", "generate", "--prompt", "x", "--device", "cuda"], "sinkprune generate: error: argument --device"),
+    (["-m", "loadtest.report", "--run", "dense=/nonexistent"], "python -m loadtest.report: error: --run dense="),
+])
+def test_the_real_processes_print_one_line_too(argv, expected):
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(expected), result.stderr
+
+
+def test_version_and_help_show_defaults_and_patterns(capsys):
+    from sinkprune.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("sinkprune 0.")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "structured:<ratio>" in text and "unstructured:<ratio>" in text
+    assert "--calibration-windows CALIBRATION_WINDOWS default: 128" in text
+    assert "--device DEVICE default: cpu" in text
