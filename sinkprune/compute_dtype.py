@@ -12,8 +12,11 @@ in the stored dtype either way. A CUDA GPU always calibrates in the stored dtype
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+
+CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -42,3 +45,11 @@ def calibration_dtype(device: torch.device | str, stored: torch.dtype) -> torch.
     if stored not in HALF or torch.device(device).type != "cpu":
         return stored
     return stored if matmul_rate(device, stored) >= matmul_rate(device, torch.float32) else torch.float32
+
+
+def stored_and_calibration_dtype(model_dir: Path, device: torch.device | str, choice: str = "auto"):
+    """(stored, calibration) dtypes of a model directory; `choice` is "auto" or a dtype name."""
+    from sinkprune.dlm.loading import config_dtype, read_config
+
+    stored = config_dtype(read_config(model_dir))
+    return stored, calibration_dtype(device, stored) if choice == "auto" else getattr(torch, choice)

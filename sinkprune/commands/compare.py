@@ -5,7 +5,8 @@ import argparse
 import json
 
 from sinkprune.cli_args import add_unverified_flag, device
-from sinkprune.prune import METHODS
+from sinkprune.compute_dtype import CHOICES as DTYPE_CHOICES
+from sinkprune.prune import CALIBRATIONS, METHODS, SINK_WEIGHTINGS
 from sinkprune.safe_output import add_overwrite_flag
 
 
@@ -21,6 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--diffusion-steps", type=int, default=50)
     p.add_argument("--every", type=int, default=5)
+    p.add_argument("--calibrations", default="clean,noised",
+                   help="calibration inputs to run every method with: clean (the reference's baselines) and/or "
+                        "noised; sink-aware rows are paired with both the same-calibration and the clean baseline")
+    p.add_argument("--extra-sink-weightings", default="per-timestep",
+                   help="sink-aware methods on noised windows also run with these weightings (empty: none)")
+    p.add_argument("--calibration-dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="as for prune: auto is the stored dtype where the device computes it natively, else float32")
     p.add_argument("--out-dir", default="runs/compare")
     p.add_argument("--device", default="cpu", type=device)
     add_overwrite_flag(p)
@@ -45,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError
     from sinkprune.compare import CompareSettings, markdown_table, run_comparison
+    from sinkprune.compute_dtype import stored_and_calibration_dtype
     from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
     from sinkprune.evaluate import text_windows
     from sinkprune.masks import check_pattern_fits, parse_pattern
@@ -54,24 +63,31 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    calibrations = [c for c in args.calibrations.split(",") if c]
+    weightings = [w for w in args.extra_sink_weightings.split(",") if w]
+    if not calibrations or set(calibrations) - set(CALIBRATIONS) or set(weightings) - set(SINK_WEIGHTINGS):
+        raise UsageError(f"--calibrations: choose from {', '.join(CALIBRATIONS)}; "
+                         f"--extra-sink-weightings from {', '.join(SINK_WEIGHTINGS)}")
     patterns = [p for p in args.patterns.split(",") if p]
     try:
         parsed = [parse_pattern(pattern) for pattern in patterns]
         seeds = [int(s) for s in args.calibration_seeds.split(",") if s]
         source = resolve_model_dir(args.model)
         check_output(args.out_dir, args.overwrite, [source])
-        model, tokenizer = load_model(source, device=args.device, allow_unverified=args.unverified)
+        _, compute = stored_and_calibration_dtype(source, args.device, args.calibration_dtype)
+        model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified)
         for pattern in parsed:
             check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
     settings = CompareSettings(methods, patterns, seeds, default_timesteps(args.diffusion_steps, args.every),
-                               args.eval_samples)
+                               args.eval_samples, calibrations=calibrations, extra_sink_weightings=weightings)
     calibration = {seed: _calibration_draw(tokenizer, args.calibration_windows, args.seq_len, seed) for seed in seeds}
     eval_windows = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len)
     report = run_comparison(model, calibration, eval_windows, settings)
     report["settings"] |= {"model": str(args.model), "calibration_windows": args.calibration_windows,
-                           "eval_windows": len(eval_windows), "seq_len": args.seq_len}
+                           "eval_windows": len(eval_windows), "seq_len": args.seq_len,
+                           "calibration_dtype": str(compute).replace("torch.", "")}
     table = markdown_table(report)
     with staged_output(args.out_dir, args.overwrite, [source]) as out:
         (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")

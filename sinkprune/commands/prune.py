@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from sinkprune.cli_args import add_unverified_flag, device
+from sinkprune.compute_dtype import CHOICES as DTYPE_CHOICES
 from sinkprune.hidden_store import PLACES
 from sinkprune.prune import CALIBRATIONS, METHODS, SINK_WEIGHTINGS
 from sinkprune.safe_output import add_overwrite_flag
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sink-weighting", choices=SINK_WEIGHTINGS, default="mean",
                    help="sink-aware methods: the score averaged over timesteps (default), or each noised window "
                         "weighted by its own timestep's score (the reference's sink-aware Wanda; --calibration noised)")
-    p.add_argument("--calibration-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    p.add_argument("--calibration-dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is calibrated in; auto: the stored dtype where the device computes it "
                         "natively, else float32 (a CPU without bf16 instructions emulates bf16 several times slower)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
@@ -54,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from sinkprune.artifact import write_artifact
     from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError
-    from sinkprune.compute_dtype import calibration_dtype
+    from sinkprune.compute_dtype import stored_and_calibration_dtype
     from sinkprune.dlm.likelihood import estimate_nll
-    from sinkprune.dlm.loading import ModelLoadError, config_dtype, load_model, read_config, resolve_model_dir
+    from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
     from sinkprune.evaluate import paired_report, text_windows
     from sinkprune.masks import check_pattern_fits, parse_pattern
     from sinkprune.prune import PruneSettings, check_settings, prune_model
@@ -68,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
         pattern = parse_pattern(args.pattern)
         source = resolve_model_dir(args.model)
         check_output(args.out_dir, args.overwrite, [source])
-        stored = config_dtype(read_config(source))
-        compute = calibration_dtype(args.device, stored) if args.calibration_dtype == "auto" \
-            else getattr(torch, args.calibration_dtype)
+        stored, compute = stored_and_calibration_dtype(source, args.device, args.calibration_dtype)
         model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified)
         check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
