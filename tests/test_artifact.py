@@ -191,3 +191,15 @@ def test_truncated_weights_without_manifest_give_an_error_naming_the_file(tmp_pa
     (out / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"config\.json cannot be read as JSON"):
         load_model(out, with_tokenizer=False)
+
+
+def test_a_replica_given_an_unverifiable_artifact_fails_at_start_naming_the_file(tmp_path):
+    """The deploy README's promise: a half-copied artifact never serves."""
+    from serve.replica import ModelReplica
+
+    model, _ = _pruned("2:4")
+    out = write_artifact(model, tmp_path / "a", None, {"pattern": "2:4"})
+    (out / MANIFEST).unlink()
+    replica_class = ModelReplica.func_or_class
+    with pytest.raises(ArtifactError, match=r"sinkprune\.json is missing"):
+        replica_class("pruned", str(out))
