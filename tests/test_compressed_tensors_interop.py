@@ -49,9 +49,10 @@ def ct014_python() -> str:
     return str(python)
 
 
-def _ct014(python: str, *args: str) -> None:
+def _ct014(python: str, *args: str) -> str:
     result = subprocess.run([python, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
@@ -70,6 +71,16 @@ def test_their_decompressor_reads_our_artifact_bit_for_bit(ct014_python, pruned,
     assert set(theirs) == set(ours)  # e.g. no `.weight.weight`: our keys are theirs
     for name, tensor in ours.items():
         assert theirs[name].dtype == tensor.dtype and torch.equal(theirs[name], tensor), name
+
+
+def test_transformers_4_loads_our_artifacts_tokenizer(ct014_python, tmp_path):
+    """The artifact's tokenizer_config names a class transformers 4.x knows (5.x writes `TokenizersBackend`)."""
+    model, tokenizer = load_model("embedded")
+    prune_model(model, PruneSettings("magnitude", "2:4"))
+    artifact = write_artifact(model, tmp_path / "ours", tokenizer, {"pattern": "2:4"})
+    text = "The function returns a list of tables."
+    ids = json.loads(_ct014(ct014_python, "tokenize", artifact, text))
+    assert ids == tokenizer.encode(text, add_special_tokens=False) and len(ids) > 3
 
 
 def test_we_load_a_checkpoint_their_compressor_wrote(ct014_python, pruned, tmp_path):

@@ -46,3 +46,18 @@ def test_cli_generates_with_the_dual_cache():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The file") and "[8 forward passes" in out.stdout
+
+
+def test_the_declared_transformers_floor_is_the_release_ci_tests():
+    """`transformers>=X` in pyproject.toml: X is at most the release installed here (what CI tests), in
+    its major; 4.x is out (its AutoTokenizer cannot read a tokenizer_config 5.x wrote)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    requirement = next(r for r in project["dependencies"] if re.match(r"transformers\b", r))
+    floor = Version(re.search(r">=\s*([\d.]+)", requirement).group(1))
+    installed = Version(importlib.metadata.version("transformers"))
+    assert floor >= Version("5.0")
+    assert floor <= installed and floor.major == installed.major

@@ -40,3 +40,20 @@ def write_hf_files(out: Path, hf_config: dict, source_dir: Path | None = None) -
         shutil.copyfile(module, out / module.name)
         written.append(out / module.name)
     return written
+
+
+# transformers 5 saves a tokenizer.json-backed tokenizer as `TokenizersBackend`, a class
+# transformers 4 does not know; `PreTrainedTokenizerFast` names the same thing in both.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_tokenizer_config_portable(out: Path) -> None:
+    """Rewrite tokenizer_config.json's class so AutoTokenizer of transformers 4.x and 5.x both load it."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    portable = PORTABLE_TOKENIZER_CLASSES.get(config.get("tokenizer_class"))
+    if portable is not None:
+        config["tokenizer_class"] = portable
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

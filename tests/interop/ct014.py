@@ -5,6 +5,8 @@ its own code reads our artifact and writes a checkpoint of its own.
         config.json's quantization_config parsed by ModelCompressor.from_compression_config
         (what transformers' compressed-tensors integration does), then every tensor of the
         artifact through its sparse-24-bitmask decompressor, written to OUT.safetensors.
+    python ct014.py tokenize MODEL_DIR TEXT
+        the ids of TEXT by AutoTokenizer (transformers 4.x) from MODEL_DIR, as JSON on stdout.
     python ct014.py compress DENSE_DIR OUT_DIR TARGET [TARGET ...]
         the dense 2:4 weights of DENSE_DIR compressed by its Sparse24BitMaskCompressor for the
         TARGET modules, config.json copied and its quantization_config written by
@@ -43,5 +45,9 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "decompress":
         decompress(Path(args[0]), Path(args[1]))
+    elif mode == "tokenize":
+        from transformers import AutoTokenizer
+
+        print(json.dumps(AutoTokenizer.from_pretrained(args[0]).encode(args[1], add_special_tokens=False)))
     else:
         compress(Path(args[0]), Path(args[1]), args[2:])
