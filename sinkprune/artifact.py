@@ -9,6 +9,7 @@ The artifact also carries the source model's generation config and remote code.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,19 +25,22 @@ from sinkprune.safe_output import check_output, staged_output
 CT_FORMAT_VERSION = "0.14.0"
 
 
-def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict with every prunable linear weight in sparse-24-bitmask form, under
-    compressed-tensors' names: `<module>.compressed`, `<module>.bitmask`, `<module>.shape` (2, 1)."""
+def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state dict, produced one tensor at a time (never a second copy of the model), with
+    every prunable linear weight in sparse-24-bitmask form under compressed-tensors' names:
+    `<module>.compressed`, `<module>.bitmask`, `<module>.shape` (2, 1)."""
     from kernels.formats import to_bitmask
 
-    state = {name: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for name, t in model.state_dict().items()}
-    targets = []
-    for name in prunable_linears(model):
-        compressed, bitmask, shape = to_bitmask(state.pop(name + ".weight"), name=name + ".weight")
-        state.update({name + ".compressed": compressed, name + ".bitmask": bitmask,
-                      name + ".shape": shape.reshape(-1, 1)})
-        targets.append(name)
-    return state, targets
+    targets = {name + ".weight": name for name in prunable_linears(model)}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to(dtype=dtype or tensor.dtype).contiguous().cpu()
+        if name not in targets:
+            yield name, tensor
+            continue
+        compressed, bitmask, shape = to_bitmask(tensor, name=name)
+        module = targets[name]
+        yield from ((module + ".compressed", compressed), (module + ".bitmask", bitmask),
+                    (module + ".shape", shape.reshape(-1, 1)))
 
 
 def sparsity_config(targets: list[str], sparsity: float | None) -> dict:
@@ -73,7 +77,7 @@ def _write(model: DiffusionLM, out: Path, tokenizer, manifest: dict, dtype: torc
     extra_config = None
     state = None
     if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
-        state, targets = compressed_state(model, dtype)
+        state, targets = compressed_state(model, dtype), list(prunable_linears(model))
         extra_config = {"quantization_config": sparsity_config(targets, manifest.get("sparsity"))}
     save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config,
                source_dir=source_dir)

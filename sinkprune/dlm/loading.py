@@ -9,6 +9,7 @@ model is never allocated twice.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
 from sinkprune.dlm.errors import ModelLoadError
-from sinkprune.dlm.hf_files import make_tokenizer_config_portable, write_hf_files
+from sinkprune.dlm.hf_files import write_hf_files
 from sinkprune.dlm.llada import LLaDAModelLM
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.safe_output import set_normal_modes
@@ -28,6 +29,7 @@ ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: Dream
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EMBEDDED_NAME = "embedded"
+DEFAULT_SHARD_BYTES = 2 * 2**30  # shards of 2 GiB: what writing holds in memory beyond the model, twice
 
 
 def build_model(config: DLMConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionLM:
@@ -147,7 +149,8 @@ def load_model(
     model = build_model(config, device="meta", dtype=dtype)
     state = decompress_state(read_state_dict(model_dir, device, files), config.hf_config)
     check_state_dict(model, state)
-    state = {name: t.to(dtype=dtype) for name, t in state.items()}
+    for name in list(state):  # one tensor at a time: the checkpoint's copy is freed as its converted one appears
+        state[name] = state[name].to(dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
@@ -178,15 +181,20 @@ def save_model(
     out_dir: str | Path,
     tokenizer=None,
     dtype: torch.dtype | None = None,
-    max_shard_bytes: int | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    state: Iterable[tuple[str, torch.Tensor]] | None = None,
     extra_config: dict | None = None,
     source_dir: str | Path | None = None,
 ) -> Path:
     """Write `model` (and tokenizer) as a checkpoint-style directory, sharded above
     `max_shard_bytes` with an index exactly like the public checkpoints'.
 
-    `state` replaces the model's own tensors (e.g. compressed ones) and
+    Tensors are converted and written one shard at a time, so writing holds at
+    most about two shards' bytes beyond the model (safetensors serialises a
+    shard in memory), never a second copy of the weights; `max_shard_bytes=None`
+    writes one file whatever its size.
+
+    `state`, (name, tensor) pairs produced lazily, replaces the model's own tensors (e.g. compressed ones) and
     `extra_config` is merged into config.json (e.g. a `quantization_config`).
     The directory also gets generation_config.json and, from `source_dir` (the
     model it came from), its remote-code modules; config.json keeps `auto_map`.
@@ -194,18 +202,8 @@ def save_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
-        state = {n: t.detach().to(dtype=dtype or t.dtype).contiguous().cpu() for n, t in model.state_dict().items()}
-    shards = _split_shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({tensor: name for tensor in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        state = ((n, t.detach().to(dtype=dtype or t.dtype).contiguous().cpu()) for n, t in model.state_dict().items())
+    _write_shards(out, state, max_shard_bytes)
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = str(dtype or model.embed_weight.dtype).replace("torch.", "")
     hf.update(extra_config or {})
@@ -213,19 +211,39 @@ def save_model(
     write_hf_files(out, hf, Path(source_dir) if source_dir is not None else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-        make_tokenizer_config_portable(out)
     set_normal_modes(p for p in out.iterdir() if p.is_file())
     return out
 
 
-def _split_shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
+def _write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int | None) -> None:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + index when the tensors
+    exceed `max_shard_bytes`; each shard is written as soon as it is full and then freed."""
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []
+    size = total = 0
+
+    def flush() -> None:
+        path = out / f".shard-{len(written) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if max_shard_bytes and shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        shard[name] = tensor
         size += nbytes
-    return shards
+        total += nbytes
+    if shard or not written:
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(out / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(written, start=1):
+        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update({name: final for name in names})
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
