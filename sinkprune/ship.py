@@ -87,7 +87,7 @@ def render_card(card: dict) -> str:
         f"{tr['train_seconds'] / 60:.0f} minutes on {card['measured_on']['machine']} (2 cores, CPU), "
         f"lr {tr['train_config']['lr']}, bf16 autocast: {tr['train_config']['bf16']}.",
         "- Command: `sinkprune build-corpus && sinkprune train --bf16 --out-dir runs/train --steps "
-        f"{tr['train_config']['steps']}` then `sinkprune ship --run runs/train`.",
+        f"{tr['train_config']['steps']}` then `sinkprune ship --run runs/train --overwrite`.",
         "",
         f"## Evaluation (measured {card['measured_on']['date']}, torch {card['measured_on']['torch']})",
         "",
