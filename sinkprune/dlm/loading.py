@@ -20,7 +20,7 @@ from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
 from sinkprune.dlm.errors import ModelLoadError
-from sinkprune.dlm.hf_files import write_hf_files
+from sinkprune.dlm.hf_files import make_tokenizer_config_portable, write_hf_files
 from sinkprune.dlm.llada import LLaDAModelLM
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.safe_output import set_normal_modes
@@ -211,6 +211,7 @@ def save_model(
     write_hf_files(out, hf, Path(source_dir) if source_dir is not None else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        make_tokenizer_config_portable(out)
     set_normal_modes(p for p in out.iterdir() if p.is_file())
     return out
 
