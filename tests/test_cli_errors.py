@@ -39,6 +39,8 @@ def dirs(tmp_path_factory):
     (root / "full" / "results.json").write_text("{}")
     (root / "run").mkdir()
     (root / "run" / "notes.txt").write_text("not a training run")
+    (root / "finished" / "final").mkdir(parents=True)
+    (root / "finished" / "final" / "config.json").write_text("{}")
     return root
 
 
@@ -107,6 +109,16 @@ CASES = [
     ("sinkprune", ["eval", "--model", "{d}/dense", "--windows", "1"], "--windows must be >= 2"),
     ("sinkprune", ["train", "--out-dir", "{d}/run"], "holds files that `sinkprune train` did not write"),
     ("sinkprune", ["ship", "--run", "{d}/missing"], "has no final/ model"),
+    # every command that writes a directory refuses a non-empty one before any work
+    ("sinkprune", ["ship", "--run", "{d}/finished"], "embedded/model is not empty; pass --overwrite"),
+    ("sinkprune", ["ship", "--run", "{d}/finished", "--out-dir", "{d}/finished/final/x", "--overwrite"],
+     "is inside the source"),
+    ("sinkprune", ["analyze", "--model", "{d}/dense", "--out-dir", "{d}/full"], "full is not empty"),
+    ("sinkprune", ["compare", "--model", "{d}/dense", "--out-dir", "{d}/full"], "full is not empty"),
+    ("sinkprune", ["build-corpus", "--out-dir", "{d}/full", "--cache-dir", "{d}/cache"], "full is not empty"),
+    ("sinkprune", ["train-tokenizer", "--train", "{d}/full/results.json", "--out-dir", "{d}/full"],
+     "full is not empty"),
+    ("report", ["--run", "dense={d}/missing", "--out-dir", "{d}/full"], "full is not empty"),
     ("sinkprune", ["train-tokenizer", "--train", "{d}/missing.txt"], "missing.txt not found"),
     ("loadtest", ["--prompts", "{d}/missing.txt"], "missing.txt' does not exist"),
     ("loadtest", ["--rates", "fast"], "--rates 'fast' is not a comma-separated list of numbers"),
