@@ -14,6 +14,7 @@ import torch
 
 from sinkprune.dlm.likelihood import LikelihoodResult, estimate_nll, paired_difference
 from sinkprune.prune import PruneSettings, prune_model
+from sinkprune.sink_scores import timestep_sink_scores
 
 BASELINE_OF = {"sink-wanda": "wanda", "sink-sparsegpt": "sparsegpt"}
 REFERENCE_CALIBRATION = "clean"
@@ -47,6 +48,7 @@ def run_comparison(dense, calibration: dict[int, torch.Tensor], eval_windows: to
     dense_result = score(dense)
     rows = []
     results: dict[tuple, LikelihoodResult] = {}
+    sink_scores: dict[int, torch.Tensor] = {}  # per seed: every sink-aware row of a draw uses the same scores
     calibrations = sorted(settings.calibrations, key=lambda c: c != REFERENCE_CALIBRATION)  # reference baselines first
     for pattern in settings.patterns:
         for seed in settings.calibration_seeds:
@@ -55,19 +57,23 @@ def run_comparison(dense, calibration: dict[int, torch.Tensor], eval_windows: to
                     if method == "magnitude" and (seed, inputs) != (settings.calibration_seeds[0], calibrations[0]):
                         continue  # magnitude pruning uses no calibration data
                     for weighting in _variants(settings, method, inputs):
-                        row = _row(dense, dense_result, calibration[seed], score, results, settings,
-                                   pattern, seed, inputs, method, weighting)
+                        if method.startswith("sink-") and seed not in sink_scores:
+                            sink_scores[seed] = timestep_sink_scores(dense, calibration[seed], settings.timesteps, seed)
+                        row = _row(dense, dense_result, calibration[seed], sink_scores.get(seed), score, results,
+                                   settings, pattern, seed, inputs, method, weighting)
                         rows.append(row)
                         if progress:
                             print(_line(row), flush=True)
     return {"dense": dense_result.to_dict(), "rows": rows, "settings": settings.__dict__}
 
 
-def _row(dense, dense_result, windows, score, results, settings, pattern, seed, inputs, method, weighting) -> dict:
+def _row(dense, dense_result, windows, scores, score, results, settings, pattern, seed, inputs, method,
+         weighting) -> dict:
     began = time.perf_counter()
     model = copy.deepcopy(dense)
     prune_model(model, PruneSettings(method, pattern, settings.timesteps, seed, calibration=inputs,
-                                     sink_weighting=weighting), windows)
+                                     sink_weighting=weighting), windows,
+                sink_scores=scores if method.startswith("sink-") else None)
     result = score(model)
     results[(pattern, seed, inputs, method, weighting)] = result
     row = {"pattern": pattern, "method": method, "calibration": "-" if method == "magnitude" else inputs,
