@@ -9,7 +9,6 @@ import numpy as np
 
 from sinkprune.cli_args import device, existing_file
 from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
-from sinkprune.safe_output import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
