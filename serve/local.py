@@ -10,7 +10,6 @@ the system's temp dir) and removed on exit, with every process still running fro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
