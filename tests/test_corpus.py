@@ -170,3 +170,38 @@ def test_cli_rejects_bad_input(tmp_path) -> None:
     args = parser.parse_args(["build-corpus", "--packages", "../etc", "--out-dir", str(tmp_path)])
     with pytest.raises(UsageError, match="--packages"):
         args.func(args)
+
+
+def test_build_corpus_appears_whole_and_replaces_changed_heldout_files_only_with_overwrite(tmp_path, monkeypatch):
+    """The Debian download is replaced by fixed documents; everything after it is the real build."""
+    import json
+    from types import SimpleNamespace
+
+    from sinkprune.safe_output import OutputError
+
+    def documents(flavour: str):
+        return {f"pkg/doc{i}.html": [f"Paragraph {j} of page {i} ({flavour}): " + "the function returns a value. " * 12
+                                     for j in range(3)] for i in range(400)}
+
+    pages = {"now": documents("first")}
+    monkeypatch.setattr(corpus, "fetch_package", lambda name, cache: SimpleNamespace(version="1", deb_sha256="0"))
+    monkeypatch.setattr(corpus, "package_documents", lambda source, progress=True: iter(pages["now"].items()))
+    heldout = tmp_path / "heldout"
+    stats = corpus.build_corpus(tmp_path / "a", tmp_path / "cache", ["pkg"], progress=False, heldout_dir=heldout)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["stats.json", "train.txt"]
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["splits"]["train"]["path"] == str(tmp_path / "a" / "train.txt")
+    assert stats["splits"]["calibration"]["documents"] > 0
+    first = {name: (heldout / f"{name}.txt.gz").read_bytes() for name in corpus.HELDOUT_SPLITS}
+
+    corpus.build_corpus(tmp_path / "b", tmp_path / "cache", ["pkg"], progress=False, heldout_dir=heldout)  # same bytes
+    pages["now"] = documents("second")
+    with pytest.raises(OutputError, match=r"calibration\.txt\.gz.*exist with other content; pass --overwrite"):
+        corpus.build_corpus(tmp_path / "c", tmp_path / "cache", ["pkg"], progress=False, heldout_dir=heldout)
+    assert not (tmp_path / "c").exists()
+    assert {name: (heldout / f"{name}.txt.gz").read_bytes() for name in corpus.HELDOUT_SPLITS} == first
+    with pytest.raises(OutputError, match="not empty"):
+        corpus.build_corpus(tmp_path / "a", tmp_path / "cache", ["pkg"], progress=False, heldout_dir=heldout)
+    corpus.build_corpus(tmp_path / "a", tmp_path / "cache", ["pkg"], progress=False, heldout_dir=heldout,
+                        overwrite=True)
+    assert (heldout / "calibration.txt.gz").read_bytes() != first["calibration"]
+    assert "(second)" in (tmp_path / "a" / "train.txt").read_text()
