@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sinkprune.artifact import write_artifact
     from sinkprune.calibration import default_timesteps, prunable_linears
+    from sinkprune.calibration_memory import prune_memory
     from sinkprune.cli import UsageError
     from sinkprune.compute_dtype import stored_and_calibration_dtype
     from sinkprune.dlm.likelihood import estimate_nll
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     windows = text_windows(tokenizer, "calibration", args.calibration_windows, args.seq_len)
-    print(f"calibrating in {str(compute).replace('torch.', '')} (stored {str(stored).replace('torch.', '')})")
+    print(f"calibrating in {str(compute).replace('torch.', '')} (stored {str(stored).replace('torch.', '')}); "
+          + prune_memory(model.config, settings, len(windows), args.seq_len, compute, args.hidden_states).describe())
     scored = text_windows(tokenizer, "evaluation", args.eval_windows, args.seq_len) if args.eval_windows else None
     # dense quality first, on the same masks as the pruned model later: a paired delta without a second copy
     dense = estimate_nll(model, scored, args.eval_samples, progress=True) if scored is not None else None
