@@ -61,13 +61,17 @@ def error_body(message: str, kind: str, param: str | None = None) -> dict:
 def validation_error(err: RequestValidationError) -> APIError:
     """A 400 naming the first offending field. Invalid JSON has no field: `param` is null
     (pydantic's location there is a byte offset, which is not a parameter)."""
-    first = err.errors()[0] if err.errors() else {}
+    errors = err.errors()
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         position = first.get("loc", ("body", "?"))[-1]
         return APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'syntax error')} "
                              f"at character {position})")
-    param = ".".join(str(part) for part in first.get("loc", ())[1:] if _is_field(part)) or None  # drop "body"
-    message = first.get("msg", "invalid request")
+    # a union (text or token ids) fails once per member: the deepest location says most
+    paths = [[str(part) for part in e.get("loc", ())[1:] if _is_field(part)] for e in errors]  # drop "body"
+    deepest = max(range(len(errors)), key=lambda i: len(paths[i]), default=0)
+    param = (".".join(paths[deepest]) or None) if errors else None
+    message = errors[deepest].get("msg", "invalid request") if errors else "invalid request"
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 

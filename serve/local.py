@@ -65,11 +65,12 @@ def ray_temp_dir(parent: str | None = None) -> Path:
     """A new, short directory for Ray's session files (Ray's socket paths must stay short)."""
     base = parent or os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
     Path(base).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="sinkserve-ray-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="sinkserve-", dir=base))
 
 
 def processes_using(directory: Path) -> list[int]:
-    """PIDs (other than ours) whose command line names `directory`: the Ray processes of that session."""
+    """PIDs (other than ours) whose command line names `directory`: Ray's GCS and raylet of that
+    session (workers rename themselves, so see also `descendants`)."""
     needle, pids = str(directory), []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -80,6 +81,25 @@ def processes_using(directory: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, directly or not (Ray's node processes and their workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop()
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found
 
 
 def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
@@ -100,11 +120,13 @@ def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
 @contextmanager
 def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | None = None,
               temp_dir: str | None = None, num_cpus: int = 2, ready_timeout_s: float = 600.0,
-              host: str = LOOPBACK):
+              host: str = LOOPBACK, stop_on_sigterm: bool = False):
     """Start Ray + the app; yields (base_url, metrics_url); on exit shuts everything down, stops
     any Ray process left from this session and removes the temp dir it made.
 
-    `temp_dir`, when given, is the parent of the session's own new directory."""
+    `temp_dir`, when given, is the parent of the session's own new directory. `stop_on_sigterm`
+    (for a program's main): SIGTERM unwinds like Ctrl-C, so all of this cleanup runs. It is set
+    after ray.init, which installs its own handler that ends the process on the spot."""
     for key, value in SLOW_MACHINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.update(LOOPBACK_ENV)
@@ -122,6 +144,9 @@ def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | 
         ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
                  _temp_dir=str(session_dir), _node_ip_address=LOOPBACK, configure_logging=False,
                  log_to_driver=False, runtime_env=LOOPBACK_RUNTIME_ENV if host == LOOPBACK else None)
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, _interrupt)
+        started: list[int] = []
         try:
             serve.start(http_options={"host": host, "port": http_port})
             serve.run(build_app(app_args), name="sinkserve", route_prefix="/")
@@ -129,10 +154,11 @@ def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | 
             wait_healthy(base_url, ready_timeout_s)
             yield base_url, f"http://{LOOPBACK}:{metrics_port}/metrics"
         finally:
+            started = descendants(os.getpid())  # before shutdown: afterwards, lingering agents are orphans
             serve.shutdown()
             ray.shutdown()
     finally:
-        stop_processes(processes_using(session_dir))
+        stop_processes(sorted(set(started) | set(processes_using(session_dir))))
         shutil.rmtree(session_dir, ignore_errors=True)
 
 
@@ -149,11 +175,8 @@ def wait_healthy(base_url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{base_url} did not become healthy in {timeout_s} s")
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop Ray and clean up."""
-    def handler(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:
@@ -166,6 +189,10 @@ def main() -> None:
     parser.add_argument("--pruned", default=None, help="a pruned artifact directory")
     parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--metrics-port", type=port_number, default=8080)
+    parser.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask "
+                        "(default: the API's limit)")
+    parser.add_argument("--max-body-bytes", type=int, default=None, help="request bodies over it get 413 "
+                        "(default: 1 MiB)")
     parser.add_argument("--host", default=LOOPBACK, help="HTTP bind address; 0.0.0.0 exposes the API to the network "
                         "(Ray itself stays on loopback)")
     args = parser.parse_args()
@@ -174,10 +201,12 @@ def main() -> None:
             resolve_model_dir(model)
     except ModelLoadError as err:
         raise SystemExit(error_line(parser.prog, str(err))) from None
-    _stop_on_sigterm()
+    signal.signal(signal.SIGTERM, _interrupt)  # until ray.init replaces it; local_app sets it again after
     try:
-        with local_app({"model": args.model, "pruned": args.pruned}, args.port, args.metrics_port,
-                       host=args.host) as (url, metrics):
+        app_args = {"model": args.model, "pruned": args.pruned, "max_tokens": args.max_tokens,
+                    "max_body_bytes": args.max_body_bytes}
+        with local_app({k: v for k, v in app_args.items() if v is not None}, args.port, args.metrics_port,
+                       host=args.host, stop_on_sigterm=True) as (url, metrics):
             print(f"serving on {url} (OpenAPI: {url}/docs); Prometheus metrics on {metrics}; Ctrl-C stops",
                   flush=True)
             while True:

@@ -32,6 +32,12 @@ DESCRIPTIONS = {
     503: "No replica of the variant can serve now; retry after `Retry-After` seconds.",
     504: "The variant did not answer in time.",
 }
+SSE_EVENT = {  # one server-sent event (OpenAPI before 3.2: the schema of a stream describes each event)
+    "type": "object", "required": ["data"],
+    "description": "`stream: true`: OpenAI server-sent events; `data` holds a JSON chunk (or an error in "
+                   "the error shape), the last one is `[DONE]`",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string", "enum": ["message"]}},
+}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
@@ -70,6 +76,7 @@ def build(app: FastAPI, model_names: list[str], max_tokens: int, auth: bool) -> 
             properties["model"] = _with_names(properties["model"], model_names)
         if "max_tokens" in properties:
             properties["max_tokens"]["maximum"] = max_tokens
+            properties["max_tokens"]["default"] = min(properties["max_tokens"]["default"], max_tokens)
     if auth:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, operations in schema["paths"].items():
@@ -79,9 +86,7 @@ def build(app: FastAPI, model_names: list[str], max_tokens: int, auth: bool) -> 
             for status in statuses(path, auth):
                 responses[str(status)] = _error(status)
             if path in STREAMING_PATHS:
-                responses["200"]["content"]["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "`stream: true`: OpenAI server-sent events, "
-                                                                "ending with `data: [DONE]`"}}
+                responses["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
             if auth and path not in OPEN_PATHS:
                 operation["security"] = [{"bearer": []}]
     return schema

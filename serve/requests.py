@@ -14,7 +14,7 @@ from sinkprune.dlm.prompt import CHAT_ROLES, encode_chat, encode_prompt
 DEFAULT_REMASKING = {LLADA: "low_confidence", DREAM: "maskgit_plus"}
 MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 8
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript included) reads back exactly
 
 # finish reasons (OpenAI's "stop" covers both EOS and stop strings)
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -212,9 +212,9 @@ def prepare(request: GenerationRequest, tokenizer, config: DLMConfig, max_length
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0 < threshold <= 1):
         raise RequestError("threshold", f"must be in (0, 1], got {threshold!r}")
-    seed = secrets.randbits(63) if request.seed is None else _integer("seed", request.seed, 0)
+    seed = secrets.randbits(53) if request.seed is None else _integer("seed", request.seed, 0)
     if seed > MAX_SEED:
-        raise RequestError("seed", f"must be below 2**63, got {seed}")
+        raise RequestError("seed", f"must be at most 2**53 - 1, got {seed}")
     for name in ("ignore_eos", "prefix_cache", "dual_cache"):
         value = getattr(request, name)
         if not isinstance(value, bool) and not (name != "ignore_eos" and value is None):

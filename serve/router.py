@@ -178,6 +178,8 @@ class ABRouter:
         if body.model is not None and body.model not in self._model_names():
             raise APIError(404, f"model {body.model!r} does not exist; available: {', '.join(self._model_names())}",
                            param="model")
+        if "max_tokens" not in body.model_fields_set:  # the default may not exceed this deployment's limit
+            body.max_tokens = min(body.max_tokens, self.max_tokens)
         if body.max_tokens > self.max_tokens:
             raise APIError(400, f"max_tokens: at most {self.max_tokens} on this deployment, got {body.max_tokens}",
                            param="max_tokens")

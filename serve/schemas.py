@@ -13,8 +13,9 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from serve.requests import MAX_SEED
 from sinkprune.dlm.decoding import POLICIES
 
 MAX_TOKENS_LIMIT = 4096
@@ -26,6 +27,35 @@ def _unicode(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(f"is not valid Unicode (unpaired surrogate at character {err.start})") from None
+    return value
+
+
+INTEGER_FIELDS = ("steps", "block_length", "max_tokens", "seed", "n")
+INTEGER_LIST_FIELDS = ("prompt", "stop_token_ids")
+
+
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _integral_fields(data):
+    """JSON Schema counts 4.0 as an integer, so these fields take it; strict mode still
+    refuses "4", true and 4.5."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in INTEGER_FIELDS:
+        if name in data:
+            data[name] = _integral(data[name])
+    for name in INTEGER_LIST_FIELDS:
+        if isinstance(data.get(name), list):
+            data[name] = [_integral(item) for item in data[name]]
+    return data
+
+
+def _no_coercion(value):
+    if not isinstance(value, bool):
+        raise ValueError("must be false")
     return value
 
 
@@ -49,6 +79,11 @@ class DLMKnobs(BaseModel):
 
     model_config = STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data):
+        return _integral_fields(data)
+
     steps: int | None = Field(None, ge=1, description="denoising steps over the whole answer (default: max_tokens)")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size (default: max_tokens)")
     remasking: Literal[POLICIES] | None = Field(None, description="decoding policy")  # type: ignore[valid-type]
@@ -65,7 +100,7 @@ class SharedFields(DLMKnobs):
 
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the same seed gives the same answer")
     stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=4)] | None = None
     user: Text | None = Field(None, max_length=256)
 
@@ -89,14 +124,7 @@ class OpenAIRequest(SharedFields):
 
 class CompletionRequest(OpenAIRequest):
     prompt: Prompt
-    echo: bool = Field(False, description="accepted only as false")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    echo: Annotated[Literal[False], BeforeValidator(_no_coercion)] = Field(False, description="accepted only as false")
 
 
 class ChatMessage(BaseModel):

@@ -203,3 +203,28 @@ def test_a_replica_given_an_unverifiable_artifact_fails_at_start_naming_the_file
     replica_class = ModelReplica.func_or_class
     with pytest.raises(ArtifactError, match=r"sinkprune\.json is missing"):
         replica_class("pruned", str(out))
+
+
+def test_adopt_turns_a_foreign_24_checkpoint_into_a_verified_artifact(tmp_path):
+    """A checkpoint in compressed-tensors' layout without sinkprune.json (what its compressor writes)
+    is refused by the loaders; `sinkprune adopt` checks it once and writes one that loads verified."""
+    from sinkprune.cli import main
+
+    model, _ = _pruned("2:4")
+    foreign = write_artifact(model, tmp_path / "foreign", None, {"pattern": "2:4"})
+    (foreign / MANIFEST).unlink()
+    with pytest.raises(ArtifactError):
+        load_model(foreign, with_tokenizer=False)
+    assert main(["adopt", "--model", str(foreign), "--out-dir", str(tmp_path / "adopted")]) == 0
+    loaded, _ = load_model(tmp_path / "adopted", with_tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    manifest = json.loads((tmp_path / "adopted" / MANIFEST).read_text())
+    assert manifest["method"] == "adopted" and abs(manifest["sparsity"] - 0.5) < 1e-6
+    assert main(["adopt", "--model", str(tmp_path / "adopted"), "--out-dir", str(tmp_path / "again")]) == 2
+    tensors = load_file(str(foreign / "model.safetensors"))
+    bitmask = tensors["model.transformer.blocks.0.q_proj.bitmask"].clone()
+    bitmask[0, 0] = 0b00000111  # three kept weights in a group: not 2:4
+    tensors["model.transformer.blocks.0.q_proj.bitmask"] = bitmask
+    save_file(tensors, str(foreign / "model.safetensors"))
+    assert main(["adopt", "--model", str(foreign), "--out-dir", str(tmp_path / "broken")]) == 2
+    assert not (tmp_path / "broken").exists()

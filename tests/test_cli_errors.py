@@ -109,6 +109,7 @@ CASES = [
     ("sinkprune", ["eval", "--model", "{d}/dense", "--windows", "1"], "--windows must be >= 2"),
     ("sinkprune", ["train", "--out-dir", "{d}/run"], "holds files that `sinkprune train` did not write"),
     ("sinkprune", ["ship", "--run", "{d}/missing"], "has no final/ model"),
+    ("sinkprune", ["adopt", "--model", "{d}/dense", "--out-dir", "{d}/x"], "declares no 2:4 sparse-24-bitmask"),
     # every command that writes a directory refuses a non-empty one before any work
     ("sinkprune", ["ship", "--run", "{d}/finished"], "embedded/model is not empty; pass --overwrite"),
     ("sinkprune", ["ship", "--run", "{d}/finished", "--out-dir", "{d}/finished/final/x", "--overwrite"],

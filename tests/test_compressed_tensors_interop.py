@@ -95,3 +95,8 @@ def test_we_load_a_checkpoint_their_compressor_wrote(ct014_python, pruned, tmp_p
         loaded, _ = load_model(tmp_path / "theirs", with_tokenizer=False, allow_unverified=True)
     for (name, tensor), reloaded in zip(pruned.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(tensor, reloaded), name
+    from sinkprune.cli import main  # adopted, it loads verified, as a replica needs
+
+    assert main(["adopt", "--model", str(tmp_path / "theirs"), "--out-dir", str(tmp_path / "adopted")]) == 0
+    adopted, _ = load_model(tmp_path / "adopted", with_tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), adopted.state_dict().values()))
