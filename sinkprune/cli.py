@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "sinkprune.commands.eval",
     "sinkprune.commands.compare",
     "sinkprune.commands.ship",
+    "sinkprune.commands.adopt",
 ]
 
 
