@@ -319,11 +319,10 @@ class ABRouter:
     @app.get("/healthz")
     async def healthz(self):
         """Probes every variant (and updates which are down); 200 while any can serve."""
-        up = await asyncio.gather(*(self.health.check(v) for v in sorted(self.handles)))
-        status = {}
-        for variant, alive in zip(sorted(self.handles), up):
-            status[variant] = {"status": "up" if alive else "down"}
-        healthy = any(up)
+        infos = await asyncio.gather(*(self.health.check(v) for v in sorted(self.handles)))
+        status = {variant: {"status": "up", "waiting": info["waiting"], "running": info["running"]} if info
+                  else {"status": "down"} for variant, info in zip(sorted(self.handles), infos)}
+        healthy = any(infos)
         headers = {} if healthy else {"Retry-After": "5"}
         return JSONResponse({"status": "ok" if healthy else "down", "variants": status},
                             status_code=200 if healthy else 503, headers=headers)

@@ -31,10 +31,11 @@ class VariantHealth:
     def down(self) -> frozenset[str]:
         return frozenset(self._down)
 
-    async def check(self, variant: str) -> bool:
-        """Probe `variant` now; mark it down (and watch for its return) or up."""
+    async def check(self, variant: str):
+        """Probe `variant` now; mark it down (and watch for its return) or up. Returns what
+        the probe answered (truthy), or None when it failed."""
         try:
-            await asyncio.wait_for(self._probe(variant), self.timeout_s)
+            answer = await asyncio.wait_for(self._probe(variant), self.timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # any failure to answer is a failed probe
@@ -43,11 +44,11 @@ class VariantHealth:
                 self._down.add(variant)
                 self._on_down(variant)
             self._watch(variant)
-            return False
+            return None
         if variant in self._down:
             log.info("variant %s is up again", variant)
         self._down.discard(variant)
-        return True
+        return answer or True
 
     def _watch(self, variant: str) -> None:
         task = self._watchers.get(variant)
