@@ -9,12 +9,15 @@ model is never allocated twice.
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
@@ -29,7 +32,7 @@ ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: Dream
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EMBEDDED_NAME = "embedded"
-DEFAULT_SHARD_BYTES = 2 * 2**30  # shards of 2 GiB: what writing holds in memory beyond the model, twice
+DEFAULT_SHARD_BYTES = 2 * 2**30  # shards of 2 GiB, like the public checkpoints' few-GB files
 
 
 def build_model(config: DLMConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionLM:
@@ -189,10 +192,9 @@ def save_model(
     """Write `model` (and tokenizer) as a checkpoint-style directory, sharded above
     `max_shard_bytes` with an index exactly like the public checkpoints'.
 
-    Tensors are converted and written one shard at a time, so writing holds at
-    most about two shards' bytes beyond the model (safetensors serialises a
-    shard in memory), never a second copy of the weights; `max_shard_bytes=None`
-    writes one file whatever its size.
+    Tensors are converted and written one at a time, so writing holds one
+    tensor beyond the model, never a second copy of the weights;
+    `max_shard_bytes=None` writes one file whatever its size.
 
     `state`, (name, tensor) pairs produced lazily, replaces the model's own tensors (e.g. compressed ones) and
     `extra_config` is merged into config.json (e.g. a `quantization_config`).
@@ -218,27 +220,21 @@ def save_model(
 
 def _write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int | None) -> None:
     """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + index when the tensors
-    exceed `max_shard_bytes`; each shard is written as soon as it is full and then freed."""
-    shard: dict[str, torch.Tensor] = {}
+    exceed `max_shard_bytes`. Each tensor's bytes go to disk as it arrives (`_ShardFile`),
+    so writing holds one tensor beyond the model, whatever the shard size."""
     written: list[tuple[Path, list[str]]] = []
-    size = total = 0
-
-    def flush() -> None:
-        path = out / f".shard-{len(written) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        written.append((path, list(shard)))
-        shard.clear()
-
+    shard: _ShardFile | None = None
+    total = 0
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_bytes and shard and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        shard[name] = tensor
-        size += nbytes
+        if shard is not None and max_shard_bytes and shard.size and shard.size + nbytes > max_shard_bytes:
+            written.append(shard.close())
+            shard = None
+        if shard is None:
+            shard = _ShardFile(out / f".shard-{len(written) + 1:05d}.safetensors")
+        shard.add(name, tensor)
         total += nbytes
-    if shard or not written:
-        flush()
+    written.append((shard or _ShardFile(out / ".shard-00001.safetensors")).close())
     if len(written) == 1:
         written[0][0].rename(out / SINGLE_FILE)
         return
@@ -248,3 +244,39 @@ def _write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_sh
         path.rename(out / final)
         weight_map.update({name: final for name in names})
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _ShardFile:
+    """One safetensors file written tensor by tensor. The format puts the header (every
+    name, dtype, shape, offset) before the data, so the bytes go to an unlinked scratch
+    file as each tensor arrives and are copied behind the header on `close`: disk does
+    the buffering, memory holds one tensor (safetensors' own `save_file` serialises
+    the whole shard in memory first)."""
+
+    def __init__(self, path: Path):
+        self.path, self.size, self.header = path, 0, {"__metadata__": {"format": "pt"}}
+        self.data = tempfile.TemporaryFile(dir=path.parent)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.size, self.size + nbytes]}
+        if nbytes:
+            self.data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self.size += nbytes
+
+    def close(self) -> tuple[Path, list[str]]:
+        header = json.dumps(self.header, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.path, "wb") as handle:
+            handle.write(struct.pack("<Q", len(header)) + header)
+            self.data.seek(0)
+            shutil.copyfileobj(self.data, handle, 1 << 24)
+        self.data.close()
+        return self.path, [name for name in self.header if name != "__metadata__"]
