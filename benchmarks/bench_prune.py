@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--method", choices=METHODS, default="sink-wanda")
     parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--calibration", choices=CALIBRATIONS, default=PruneSettings.calibration)
+    parser.add_argument("--calibration", choices=("auto", *CALIBRATIONS), default="auto")
     parser.add_argument("--calibration-windows", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--every", type=int, default=5, help="timestep grid: 50 steps sampled every N")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PruneSettings(args.method, args.pattern, timesteps, batch_size=args.batch_size,
                              calibration=args.calibration)
     windows = text_windows(tokenizer, "calibration", args.calibration_windows, seq)
-    samples = len(windows) * (len(timesteps) if args.calibration == "noised" else 1)
+    samples = len(windows) * (len(timesteps) if settings.calibration == "noised" else 1)
     statistic = STATISTIC_OF[args.method.removeprefix("sink-")]
     memory = prune_memory(config, settings, len(windows), seq, compute, args.hidden_states)
     print(memory.describe(), flush=True)

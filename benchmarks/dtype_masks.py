@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--method", choices=METHODS, default="sink-wanda")
     parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--calibration", choices=CALIBRATIONS, default=PruneSettings.calibration)
+    parser.add_argument("--calibration", choices=("auto", *CALIBRATIONS), default="auto")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--eval-windows", type=int, default=32)

@@ -38,15 +38,20 @@ class CalibrationMemory:
         """Bytes in the process's memory (device + host) at the peak."""
         return self.weights + self.statistics + self.hidden_resident + self.batch
 
+    def on_device(self) -> int:
+        """Of those, the compute device's: all but hidden states kept on the host."""
+        return self.in_memory() - (self.hidden_resident if self.place == "host" else 0)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "in_memory": self.in_memory()}
+        return {**asdict(self), "in_memory": self.in_memory(), "on_device": self.on_device()}
 
     def describe(self) -> str:
         gib = 2**30
         where = {"device": "on the device", "host": "in host memory", "disk": "on disk"}[self.place]
         return (f"calibration memory: weights {self.weights / gib:.2f} GiB + one block's statistics "
                 f"{self.statistics / gib:.2f} GiB + one batch {self.batch / gib:.2f} GiB + hidden states "
-                f"{self.hidden_states / gib:.2f} GiB {where} = {self.in_memory() / gib:.2f} GiB in memory")
+                f"{self.hidden_states / gib:.2f} GiB {where} = {self.in_memory() / gib:.2f} GiB in memory, "
+                f"{self.on_device() / gib:.2f} GiB of it on the device")
 
 
 def parameter_count(config: DLMConfig) -> int:

@@ -26,6 +26,9 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "sink-wanda", "sink-sparsegpt")
 STATISTIC_OF = {"magnitude": None, "wanda": "input_square_sum", "sparsegpt": "hessian"}
 STRUCTURED_METHODS = ("magnitude", "wanda", "sink-wanda")
 CALIBRATIONS = ("clean", "noised")
+# "auto" calibration, per base method, by measurement (README, `sinkprune compare` on the embedded model at 2:4):
+# Wanda's input norms lose less from clean windows, SparseGPT's Hessians less from noised ones
+AUTO_CALIBRATION = {"magnitude": "clean", "wanda": "clean", "sparsegpt": "noised"}
 SINK_WEIGHTINGS = ("mean", "per-timestep")
 
 
@@ -38,11 +41,17 @@ class PruneSettings:
     k: float = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
     batch_size: int = 8
-    # statistics from clean windows (the reference's) or from windows noised at every timestep
-    calibration: str = "noised"
+    # statistics from clean windows (the reference's) or from windows noised at every timestep;
+    # "auto" becomes the measured better one for the method (AUTO_CALIBRATION)
+    calibration: str = "auto"
     # sink-aware methods: one score per position averaged over timesteps, or (noised calibration only)
     # each noised window weighted by its own timestep's score, as the reference's sink-aware Wanda does
     sink_weighting: str = "mean"
+
+    def __post_init__(self):
+        if self.calibration == "auto" and self.method in METHODS:
+            by_method = AUTO_CALIBRATION[self.method.removeprefix("sink-")]
+            self.calibration = "noised" if self.sink_weighting == "per-timestep" else by_method
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -57,9 +57,10 @@ def test_clean_calibration_ignores_the_timestep_grid_and_differs_from_noised():
 def test_row_weights_follow_the_sample_order_of_each_mode():
     scores = torch.rand(3, 2, 5)  # (timesteps, windows, seq)
     timesteps = [0.9, 0.5, 0.1]
-    per_step = sample_row_weights(scores, PruneSettings("sink-wanda", "2:4", timesteps, sink_weighting="per-timestep"))
+    per_step = sample_row_weights(scores, PruneSettings("sink-wanda", "2:4", timesteps, calibration="noised",
+                                                        sink_weighting="per-timestep"))
     assert torch.equal(per_step, 1 - scores.flatten(0, 1))  # noised samples are timestep-major
-    mean = sample_row_weights(scores, PruneSettings("sink-wanda", "2:4", timesteps))
+    mean = sample_row_weights(scores, PruneSettings("sink-wanda", "2:4", timesteps, calibration="noised"))
     assert torch.allclose(mean, (1 - scores.mean(0)).repeat(3, 1))
     clean = sample_row_weights(scores, PruneSettings("sink-wanda", "2:4", timesteps, calibration="clean"))
     assert torch.allclose(clean, 1 - scores.mean(0))
@@ -71,12 +72,22 @@ def test_per_timestep_weighting_equals_mean_when_scores_do_not_move_and_differs_
     moving = torch.stack([still, still.flip(-1)])
 
     def run(weighting, scores):
-        return _pruned(PruneSettings("sink-wanda", "2:4", timesteps, sink_weighting=weighting), sink_scores=scores)
+        return _pruned(PruneSettings("sink-wanda", "2:4", timesteps, calibration="noised", sink_weighting=weighting),
+                       sink_scores=scores)
 
     mean, per_step = run("mean", still), run("per-timestep", still.expand(2, 4, 16))
     assert all(torch.equal(mean[n], per_step[n]) for n in mean)
     moved = run("per-timestep", moving)
     assert any(not torch.equal(moved[n], run("mean", moving)[n]) for n in moved)
+
+
+def test_auto_calibration_is_the_measured_better_one_per_method():
+    assert PruneSettings("sink-wanda", "2:4").calibration == "clean"
+    assert PruneSettings("wanda", "2:4").calibration == "clean"
+    assert PruneSettings("sparsegpt", "2:4").calibration == "noised"
+    assert PruneSettings("sink-sparsegpt", "2:4").calibration == "noised"
+    assert PruneSettings("sink-wanda", "2:4", sink_weighting="per-timestep").calibration == "noised"
+    assert PruneSettings("wanda", "2:4", calibration="noised").calibration == "noised"
 
 
 def test_per_timestep_weighting_needs_noised_calibration():

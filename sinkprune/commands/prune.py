@@ -26,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=5, help="... for i = 0, every, 2 * every, ...")
     p.add_argument("--k", type=float, default=DEFAULT_K, help="sink threshold in standard deviations")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="sink sigmoid sharpness")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="noised",
-                   help="windows the statistics are gathered on: clean (the reference's) or noised at every "
-                        "timestep (default; sink scores always come from the noised windows)")
+    p.add_argument("--calibration", choices=("auto", *CALIBRATIONS), default="auto",
+                   help="windows the statistics are gathered on: clean (the reference's) or noised at every timestep "
+                        "(sink scores always come from noised windows); auto: clean for magnitude and (sink-)wanda, "
+                        "noised for (sink-)sparsegpt, the better of each on the embedded model at 2:4 (README)")
     p.add_argument("--sink-weighting", choices=SINK_WEIGHTINGS, default="mean",
-                   help="sink-aware methods: the score averaged over timesteps (default), or each noised window "
-                        "weighted by its own timestep's score (the reference's sink-aware Wanda; --calibration noised)")
+                   help="sink-aware methods: the score averaged over timesteps, or each noised window weighted by "
+                        "its own timestep's score (the reference's sink-aware Wanda; needs --calibration noised)")
     p.add_argument("--calibration-dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is calibrated in; auto: the stored dtype where the device computes it "
                         "natively, else float32 (a CPU without bf16 instructions emulates bf16 several times slower)")
