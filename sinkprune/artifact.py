@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sinkprune.calibration import prunable_linears
 from sinkprune.dlm.artifact_io import BITMASK_FORMAT, MANIFEST, sha256_file
-from sinkprune.dlm.loading import save_model
+from sinkprune.dlm.loading import converted_state, save_model
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import parse_pattern
 from sinkprune.safe_output import check_output, staged_output
@@ -32,8 +33,7 @@ def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> It
     from kernels.formats import to_bitmask
 
     targets = {name + ".weight": name for name in prunable_linears(model)}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to(dtype=dtype or tensor.dtype).contiguous().cpu()
+    for name, tensor in converted_state(model, dtype):
         if name not in targets:
             yield name, tensor
             continue
@@ -58,6 +58,7 @@ def write_artifact(
     dtype: torch.dtype | None = None,
     source_dir: str | Path | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Save a pruned model as an artifact; `manifest` must hold at least `pattern`.
 
@@ -67,18 +68,20 @@ def write_artifact(
     generation config it carries."""
     sources = [source_dir] if source_dir is not None else []
     with staged_output(out_dir, overwrite, sources) as staging:
-        _write(model, staging, tokenizer, manifest, dtype, source_dir)
+        _write(model, staging, tokenizer, manifest, dtype, source_dir, progress)
     return check_output(out_dir, overwrite=True)
 
 
 def _write(model: DiffusionLM, out: Path, tokenizer, manifest: dict, dtype: torch.dtype | None,
-           source_dir: str | Path | None) -> None:
+           source_dir: str | Path | None, progress: bool) -> None:
     pattern = parse_pattern(manifest["pattern"])
     extra_config = None
-    state = None
+    state, count = converted_state(model, dtype), len(model.state_dict())
     if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
         state, targets = compressed_state(model, dtype), list(prunable_linears(model))
+        count += 2 * len(targets)  # each weight becomes three tensors
         extra_config = {"quantization_config": sparsity_config(targets, manifest.get("sparsity"))}
+    state = tqdm(state, desc="write", total=count, unit="tensor", disable=not progress)
     save_model(model, out, tokenizer=tokenizer, dtype=dtype, state=state, extra_config=extra_config,
                source_dir=source_dir)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}

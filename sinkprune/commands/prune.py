@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         pruned = estimate_nll(model, scored, args.eval_samples, progress=True)
         manifest["quality"] = paired_report({"dense": dense, "pruned": pruned})
     out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else stored,
-                         source_dir=source, overwrite=args.overwrite)
+                         source_dir=source, overwrite=args.overwrite, progress=True)
     print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
     if dense is not None:
         delta = manifest["quality"]["pruned"]["vs_dense"]

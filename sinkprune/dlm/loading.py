@@ -12,7 +12,7 @@ import json
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -203,9 +203,7 @@ def save_model(
     Files get the modes of a plain open() (safetensors writes 0600)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        state = ((n, t.detach().to(dtype=dtype or t.dtype).contiguous().cpu()) for n, t in model.state_dict().items())
-    _write_shards(out, state, max_shard_bytes)
+    _write_shards(out, converted_state(model, dtype) if state is None else state, max_shard_bytes)
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = str(dtype or model.embed_weight.dtype).replace("torch.", "")
     hf.update(extra_config or {})
@@ -216,6 +214,12 @@ def save_model(
         make_tokenizer_config_portable(out)
     set_normal_modes(p for p in out.iterdir() if p.is_file())
     return out
+
+
+def converted_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors in `dtype` on the CPU, converted one at a time as they are asked for."""
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.detach().to(dtype=dtype or tensor.dtype).contiguous().cpu()
 
 
 def _write_shards(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int | None) -> None:
