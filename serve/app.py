@@ -47,7 +47,10 @@ class AppArgs(BaseModel):
     max_tokens: int = Field(MAX_TOKENS_LIMIT, ge=1, le=MAX_TOKENS_LIMIT,
                             description="largest max_tokens a request may ask (the OpenAPI document says it)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="request bodies over it get 413")
-    max_queued_requests: int = Field(512, ge=1, description="router backlog before Serve answers 503")
+    max_concurrent_requests: int = Field(512, ge=1, description="generation requests one router replica holds at "
+                                         "once; beyond it, 429 with Retry-After")
+    max_queued_requests: int = Field(512, ge=1, description="backlog in Serve's proxy before it answers 503 itself "
+                                     "(reached only past max_concurrent_requests)")
 
     @model_validator(mode="after")
     def _fill_variants(self) -> "AppArgs":
@@ -71,7 +74,9 @@ def build_app(args: dict) -> Application:
         handles[name] = deployment.bind(name, variant.model, variant.device, variant.dtype, variant.engine,
                                         variant.sparse_backend)
     routing = {"weights": config.weights, "sticky": config.sticky, "shadow": config.shadow}
-    router = ABRouter.options(max_queued_requests=config.max_queued_requests, user_config=routing,
+    # Serve hands the router more requests than it will hold, so the router refuses the excess itself
+    router = ABRouter.options(max_ongoing_requests=config.max_concurrent_requests + 64,
+                              max_queued_requests=config.max_queued_requests, user_config=routing,
                               ray_actor_options={"num_cpus": 0})  # I/O-bound: never blocks a model replica
     return router.bind(handles, config.model_name, routing, config.request_timeout_s, config.max_tokens,
-                       config.max_body_bytes)
+                       config.max_body_bytes, max_concurrent_requests=config.max_concurrent_requests)

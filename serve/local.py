@@ -180,6 +180,9 @@ def _interrupt(signum, _frame):
 
 
 def main() -> None:
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
     from sinkprune.cli_args import Parser, error_line, port_number
     from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
 
@@ -201,12 +204,18 @@ def main() -> None:
             resolve_model_dir(model)
     except ModelLoadError as err:
         raise SystemExit(error_line(parser.prog, str(err))) from None
+    app_args = {k: v for k, v in {"model": args.model, "pruned": args.pruned, "max_tokens": args.max_tokens,
+                                  "max_body_bytes": args.max_body_bytes}.items() if v is not None}
+    try:  # the app's own argument rules, checked before Ray starts
+        AppArgs.model_validate(app_args)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "arguments"
+        raise SystemExit(error_line(parser.prog, f"{field}: {problem['msg']}")) from None
     signal.signal(signal.SIGTERM, _interrupt)  # until ray.init replaces it; local_app sets it again after
     try:
-        app_args = {"model": args.model, "pruned": args.pruned, "max_tokens": args.max_tokens,
-                    "max_body_bytes": args.max_body_bytes}
-        with local_app({k: v for k, v in app_args.items() if v is not None}, args.port, args.metrics_port,
-                       host=args.host, stop_on_sigterm=True) as (url, metrics):
+        with local_app(app_args, args.port, args.metrics_port, host=args.host,
+                       stop_on_sigterm=True) as (url, metrics):
             print(f"serving on {url} (OpenAPI: {url}/docs); Prometheus metrics on {metrics}; Ctrl-C stops",
                   flush=True)
             while True:

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -142,13 +143,16 @@ def _sse_error(message: str, kind: str) -> str:
 class ABRouter:
     def __init__(self, variants: dict[str, DeploymentHandle], model_name: str = "sinkserve",
                  routing: dict | None = None, request_timeout_s: float = 300.0, max_tokens: int = MAX_TOKENS_LIMIT,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0,
+                 max_concurrent_requests: int = 512):
         from serve.variant_health import VariantHealth
 
         self.handles = variants
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
         self.max_tokens = max_tokens
+        self.max_concurrent_requests = max_concurrent_requests
+        self.in_flight = 0  # generation requests this router holds (streams until they end)
         self.metrics = RouterMetrics()
         self.health = VariantHealth(lambda v: self.handles[v].info.remote(), sorted(variants), probe_timeout_s,
                                     on_down=lambda v: self.metrics.variant_down.inc(1, tags={"variant": v}))
@@ -279,7 +283,12 @@ class ABRouter:
     async def _serve(self, body, request: Request):
         """Every generation endpoint: check, assign, run (with one failover), answer or stream;
         every outcome counted once for the variant that answered."""
-        variant = None
+        variant, streaming = None, False
+        if self.in_flight >= self.max_concurrent_requests:  # refused here, in the error shape, with Retry-After
+            self.metrics.outcome(None, "overloaded")
+            return APIError(429, f"the router holds {self.in_flight} requests, its limit; retry shortly",
+                            "overloaded", retry_after=1).response()
+        self.in_flight += 1
         try:
             self._check(body)
             forced = self._forced(request, body)
@@ -289,8 +298,12 @@ class ABRouter:
                 variant, first, events = await asyncio.wait_for(
                     self._run(variant, payload, bool(forced), _first), self.request_timeout_s)
                 self._shadow(variant, payload)
-                return StreamingResponse(self._sse(body, variant, first, events), media_type="text/event-stream",
-                                         headers={VARIANT_HEADER: variant})
+                end = {"outcome": "cancelled"}  # what the stream sets as it goes; cancelled if the client leaves
+                stream = self._sse(body, variant, first, events, end)
+                # counted and its slot released once: when the stream ends, or when it is dropped unstarted
+                end["finish"] = weakref.finalize(stream, self._stream_finished, variant, end)
+                streaming = True
+                return StreamingResponse(stream, media_type="text/event-stream", headers={VARIANT_HEADER: variant})
             variant, output, _ = await asyncio.wait_for(self._run(variant, payload, bool(forced), _last),
                                                         self.request_timeout_s)
             self._shadow(variant, payload)
@@ -311,6 +324,16 @@ class ABRouter:
             log.exception("router failed a request")
             self.metrics.outcome(variant, "error")
             return APIError(500, f"internal error: {type(err).__name__}").response(variant)
+        finally:
+            if not streaming:
+                self._release_slot()
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+
+    def _stream_finished(self, variant: str, end: dict) -> None:
+        self._release_slot()
+        self.metrics.outcome(variant, end["outcome"])
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self):
@@ -329,10 +352,11 @@ class ABRouter:
 
     # ---- streaming -------------------------------------------------------------------
 
-    async def _sse(self, body: CompletionRequest | ChatCompletionRequest, variant: str, first: dict, events):
+    async def _sse(self, body: CompletionRequest | ChatCompletionRequest, variant: str, first: dict, events,
+                   end: dict):
         """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE].
-        Chat streams open with the assistant's role and carry `delta`s. Counted when it ends:
-        `cancelled` if the client left first."""
+        Chat streams open with the assistant's role and carry `delta`s. Its outcome goes in
+        `end["outcome"]`, counted by `end["finish"]()` when it ends (`cancelled` if the client left)."""
         chat = isinstance(body, ChatCompletionRequest)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind, created = "chat.completion.chunk" if chat else "text_completion", int(time.time())
@@ -346,7 +370,6 @@ class ABRouter:
                     "choices": [choice] if choices else [], "usage": usage}
             return f"data: {json.dumps(data)}\n\n"
 
-        outcome = "cancelled"
         try:
             if chat:
                 yield chunk("", role=True)
@@ -357,15 +380,15 @@ class ABRouter:
                         yield chunk("", output["finish_reason"])
                         if body.include_usage:
                             yield chunk("", usage=_usage(output).model_dump(), choices=False)
-                        outcome = "ok"
+                        end["outcome"] = "ok"
                     elif event["type"] == "error":
-                        outcome = outcome_of(event["status"])
+                        end["outcome"] = outcome_of(event["status"])
                         yield _sse_error(event["message"], event["kind"])
                     elif event.get("text"):
                         yield chunk(event["text"])
             except ReplicaGone as gone:  # the client has seen part of the answer: it cannot be sent again
-                outcome = "unavailable"
+                end["outcome"] = "unavailable"
                 yield _sse_error(f"variant {variant} stopped answering ({gone})", "unavailable")
             yield "data: [DONE]\n\n"
         finally:
-            self.metrics.outcome(variant, outcome)
+            end["finish"]()

@@ -53,6 +53,7 @@ def app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     dense, pruned = make_dense_and_pruned(root)
-    with local_app({"model": dense, "pruned": pruned, "max_tokens": 64}) as (base_url, metrics_url):
+    args = {"model": dense, "pruned": pruned, "max_tokens": 32, "max_concurrent_requests": 24}
+    with local_app(args) as (base_url, metrics_url):
         with prometheus(metrics_url, root) as query:
             yield SimpleNamespace(base_url=base_url, metrics_url=metrics_url, query=query, pruned=pruned)

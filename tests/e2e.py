@@ -33,15 +33,18 @@ def make_dense_and_pruned(root: Path) -> tuple[str, str]:
 
 
 @contextmanager
-def prometheus(scrape_url: str, workdir: Path, interval_s: float = 1.0):
-    """A real Prometheus (the Debian package) on 127.0.0.1 scraping `scrape_url`; yields a query function."""
+def prometheus(scrape_url: str, workdir: Path, interval_s: float = 2.0):
+    """A real Prometheus (the Debian package) on 127.0.0.1 scraping `scrape_url`; yields a query function.
+    The scrape may take the whole interval: Ray's metrics page is large and a busy 2-core machine
+    serves it slowly; a scrape that times out would freeze every count the tests compare."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("prometheus is not installed (scripts/setup.sh installs the Debian package)")
     target = urllib.parse.urlparse(scrape_url)
     config = workdir / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is valid YAML
-        "global": {"scrape_interval": f"{int(interval_s * 1000)}ms", "evaluation_interval": f"{int(interval_s * 1000)}ms"},
+        "global": {"scrape_interval": f"{int(interval_s * 1000)}ms", "scrape_timeout": f"{int(interval_s * 1000)}ms",
+                   "evaluation_interval": f"{int(interval_s * 1000)}ms"},
         "scrape_configs": [{"job_name": "sinkserve", "metrics_path": target.path,
                             "static_configs": [{"targets": [target.netloc]}]}]}))
     port = free_port()

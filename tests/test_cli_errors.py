@@ -130,6 +130,8 @@ CASES = [
     ("report", ["--run", "dense={d}/full", "--metrics-before", "{d}/nope.txt"], "nope.txt' does not exist"),
     ("serve.local", ["--port", "99999"], "argument --port: port 99999 is outside 1..65535"),
     ("serve.local", ["--pruned", "{d}/missing"], "missing' does not exist"),
+    ("serve.local", ["--max-tokens", "0"], "--max-tokens: Input should be greater than or equal to 1"),
+    ("serve.local", ["--max-body-bytes", "10"], "--max-body-bytes: Input should be greater than or equal to 1024"),
     ("render", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("render", ["--check", "missing"], "no-such-serve.yaml"),
 ]

@@ -58,8 +58,13 @@ def delta(after: Counter, before: Counter) -> Counter:
 
 
 def assert_server_counted(app, before: Counter, expected: Counter) -> None:
-    wait_until(lambda: delta(server_counts(app), before) == expected, 120,
-               f"Prometheus counts {dict(expected)} (have {dict(delta(server_counts(app), before))})")
+    try:
+        wait_until(lambda: delta(server_counts(app), before) == expected, 120, f"Prometheus counts {dict(expected)}")
+    except TimeoutError:
+        with urllib.request.urlopen(app.metrics_url, timeout=30) as response:
+            exposed = [line for line in response.read().decode().splitlines() if "sinkserve_requests_total" in line]
+        raise AssertionError(f"Prometheus has {dict(delta(server_counts(app), before))} more than before, expected "
+                             f"{dict(expected)}; the app exposes {exposed}") from None
 
 
 def variant_down_total(app) -> float:
@@ -145,18 +150,41 @@ def test_a_client_that_leaves_is_counted_as_cancelled(app):
     before = settled(lambda: server_counts(app))
     host, port = base.removeprefix("http://").split(":")
     for stream in (False, True):
-        body = json.dumps({"model": "sinkserve", "prompt": "Write a long story", "max_tokens": 64, "steps": 64,
-                           "stream": stream}).encode()
+        body = json.dumps({"model": "sinkserve", "prompt": "Write a long story " * 100, "max_tokens": 32,
+                           "steps": 32, "stream": stream}).encode()
         with socket.create_connection((host, int(port)), timeout=60) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"x-dlm-variant: dense\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             if stream:  # the first event has arrived: the router is streaming it
-                assert b"data: " in sock.recv(65536)
+                received = b""
+                while b"data: " not in received:
+                    chunk = sock.recv(65536)
+                    assert chunk, f"the stream ended before its first event: {received!r}"
+                    received += chunk
             else:  # the dense engine is running it
-                wait_until(lambda: health(base)["variants"]["dense"].get("running", 0) >= 1, 60, "the request to run")
+                deadline = time.monotonic() + 60
+                while health(base)["variants"]["dense"].get("running", 0) < 1:
+                    assert time.monotonic() < deadline, "the request never ran"
+                    time.sleep(0.05)
         # the client is gone; the router notices and counts it
     assert_server_counted(app, before, Counter({("dense", "cancelled"): 2}))
     wait_until(lambda: health(base)["variants"]["dense"]["running"] == 0, 60, "the engine to drop the requests")
+
+
+def test_a_burst_is_refused_fast_with_retry_after_and_counted(app):
+    base = app.base_url
+    before = settled(lambda: server_counts(app))
+    body = {"model": "sinkserve", "prompt": "Burst", "max_tokens": 16, "steps": 16}
+    start = time.monotonic()
+    with ThreadPoolExecutor(64) as pool:  # more at once than the router holds (24 in this app)
+        results = list(pool.map(lambda i: send(base, {**body, "user": f"burst-{i}"}, timeout=120), range(96)))
+    statuses = Counter(status for status, _, _, _ in results)
+    assert set(statuses) <= {200, 429} and statuses[200] >= 24 and statuses[429] >= 1, statuses
+    for status, _, headers, response in results:
+        if status == 429:
+            assert int(headers["Retry-After"]) >= 1 and response["error"]["type"] == "overloaded", response
+    assert time.monotonic() - start < 120  # nothing hung
+    assert_server_counted(app, before, client_count(results))
 
 
 def test_killing_a_replica_under_load_loses_no_request_and_every_outcome_is_counted(app):
