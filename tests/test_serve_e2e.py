@@ -30,9 +30,9 @@ def post(base_url: str, body: dict | bytes, headers: dict | None = None, path: s
         return err.code, err.headers.get("x-dlm-variant"), err.read().decode()
 
 
-def settled(read, pause_s: float = 8.0, timeout_s: float = 90.0):
-    """A reading that no longer changes: Ray exports metrics every few seconds, so traffic sent
-    by earlier tests may still be on its way to Prometheus."""
+def settled(read, pause_s: float = 12.0, timeout_s: float = 120.0):
+    """A reading that no longer changes over longer than Ray's export period (10 s): traffic
+    sent by earlier tests may still be on its way to Prometheus."""
     import time
 
     deadline = time.monotonic() + timeout_s
