@@ -71,7 +71,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
 
-    step("1/4 prune: sink-aware Wanda, 2:4, calibration on noised windows")
+    step("1/4 prune: sink-aware Wanda, 2:4 (sink scores from noised windows, statistics as `prune --calibration auto`)")
     pruned = out / "pruned"
     run("-m", "sinkprune", "prune", "--model", args.model, "--method", "sink-wanda", "--pattern", "2:4",
         "--calibration-windows", "32", "--eval-windows", "32", "--device", args.device, "--out-dir", str(pruned),
