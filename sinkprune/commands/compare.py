@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-sink-weightings", default="per-timestep",
                    help="sink-aware methods on noised windows also run with these weightings (empty: none)")
     p.add_argument("--calibration-dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="as for prune: auto is the stored dtype where the device computes it natively, else float32")
+                   help="as for prune: auto is the stored dtype unless float32 multiplies faster on this device")
     p.add_argument("--out-dir", default="runs/compare")
     p.add_argument("--device", default="cpu", type=device)
     add_overwrite_flag(p)

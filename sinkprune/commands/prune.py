@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sink-aware methods: the score averaged over timesteps, or each noised window weighted by "
                         "its own timestep's score (the reference's sink-aware Wanda; needs --calibration noised)")
     p.add_argument("--calibration-dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype the model is calibrated in; auto: the stored dtype where the device computes it "
-                        "natively, else float32 (a CPU without bf16 instructions emulates bf16 several times slower)")
+                   help="dtype the model is calibrated in; auto: the stored dtype unless float32 multiplies faster "
+                        "on this device (timed: a CPU without bf16 instructions emulates bf16 several times slower); "
+                        "the artifact keeps the stored dtype")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--hidden-states", choices=PLACES, default="device",
                    help="where calibration keeps its hidden states between blocks: device memory, host memory, "
