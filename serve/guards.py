@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
 from serve.api_errors import error_body
@@ -62,7 +63,10 @@ class RequestGuard:
 
         async def limited_receive():
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except TaskCancelledError:  # Ray Serve's way to say the client left (seen by streams' listeners)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:  # answered by the app's error handlers (FastAPI passes HTTPException on)

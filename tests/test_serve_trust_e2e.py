@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +65,14 @@ def assert_server_counted(app, before: Counter, expected: Counter) -> None:
         with urllib.request.urlopen(app.metrics_url, timeout=30) as response:
             exposed = [line for line in response.read().decode().splitlines() if "sinkserve_requests_total" in line]
         raise AssertionError(f"Prometheus has {dict(delta(server_counts(app), before))} more than before, expected "
-                             f"{dict(expected)}; the app exposes {exposed}") from None
+                             f"{dict(expected)}; the app exposes {exposed}; router log: {router_log_tail()}") from None
+
+
+def router_log_tail() -> str:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "\n".join(path.read_text()[-6000:] for path in logs.glob("replica_sinkserve_ABRouter_*.log"))
 
 
 def variant_down_total(app) -> float:
