@@ -50,6 +50,7 @@ from serve.schemas import (
     ModelList,
     Usage,
 )
+from serve.variant_health import VariantHealth
 
 log = logging.getLogger("ray.serve")
 USER_HEADER = "x-user-id"
@@ -145,8 +146,6 @@ class ABRouter:
                  routing: dict | None = None, request_timeout_s: float = 300.0, max_tokens: int = MAX_TOKENS_LIMIT,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0,
                  max_concurrent_requests: int = 512):
-        from serve.variant_health import VariantHealth
-
         self.handles = variants
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
