@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         source = resolve_model_dir(args.model)
         check_output(args.out_dir, args.overwrite, [source])
         stored, compute = stored_and_calibration_dtype(source, args.device, args.calibration_dtype)
-        model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified)
+        model, tokenizer = load_model(source, device=args.device, dtype=compute, allow_unverified=args.unverified,
+                                      progress=True)
         check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 from safetensors.torch import load_file
 
 from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
@@ -133,11 +134,12 @@ def load_model(
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
     allow_unverified: bool = False,
+    progress: bool = False,
 ):
     """Load `(model, tokenizer)` from a local HF-layout directory, a pruned artifact
     (hashes verified, 2:4 tensors decompressed and checked) or the name `embedded`.
 
-    `dtype=None` keeps the checkpoint's own dtype. The model is returned in eval mode.
+    `dtype=None` keeps the checkpoint's own dtype; `progress` shows the tensors being converted. The model is returned in eval mode.
     A directory that declares a sparsity or quantization config is refused without a
     matching `sinkprune.json` unless `allow_unverified` (then with a warning).
     """
@@ -152,7 +154,8 @@ def load_model(
     model = build_model(config, device="meta", dtype=dtype)
     state = decompress_state(read_state_dict(model_dir, device, files), config.hf_config)
     check_state_dict(model, state)
-    for name in list(state):  # one tensor at a time: the checkpoint's copy is freed as its converted one appears
+    # one tensor at a time: the checkpoint's copy is freed as its converted one appears
+    for name in tqdm(list(state), desc="load", unit="tensor", disable=not progress, delay=2):  # only if slow
         state[name] = state[name].to(dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
