@@ -139,7 +139,8 @@ def load_model(
     """Load `(model, tokenizer)` from a local HF-layout directory, a pruned artifact
     (hashes verified, 2:4 tensors decompressed and checked) or the name `embedded`.
 
-    `dtype=None` keeps the checkpoint's own dtype; `progress` shows the tensors being converted. The model is returned in eval mode.
+    `dtype=None` keeps the checkpoint's own dtype; `progress` shows the tensors being
+    converted. The model is returned in eval mode.
     A directory that declares a sparsity or quantization config is refused without a
     matching `sinkprune.json` unless `allow_unverified` (then with a warning).
     """
