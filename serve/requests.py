@@ -106,13 +106,20 @@ def longest_token_chars(tokenizer) -> int | None:
     return max((len(token) for token in vocab()), default=1) if vocab is not None else None
 
 
+def unicode_problem(text: str) -> str | None:
+    """What makes `text` invalid Unicode (a lone UTF-16 surrogate, which JSON can carry and no
+    tokenizer can encode), or None. The HTTP schema and the engine both check with it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid Unicode (unpaired surrogate at character {err.start})"
+    return None
+
+
 def _check_text(field_name: str, texts: list[str], max_chars: int | None) -> None:
     for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise RequestError(field_name, f"is not valid Unicode (unpaired surrogate at character {err.start})") \
-                from None
+        if problem := unicode_problem(text):
+            raise RequestError(field_name, problem)
     chars = sum(len(text) for text in texts)
     if max_chars is not None and chars > max_chars:
         raise RequestError(field_name, f"is too long: {chars} characters cannot fit in the tokens one sequence "

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from serve.requests import MAX_SEED
+from serve.requests import MAX_SEED, unicode_problem
 from sinkprune.dlm.decoding import POLICIES
 
 MAX_TOKENS_LIMIT = 4096
@@ -23,10 +23,8 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def _unicode(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"is not valid Unicode (unpaired surrogate at character {err.start})") from None
+    if problem := unicode_problem(value):
+        raise ValueError(problem)
     return value
 
 
