@@ -71,7 +71,7 @@ class Stages:
         began, cpu_began = time.perf_counter(), time.process_time()
         result = work()
         seconds, cpu = time.perf_counter() - began, time.process_time() - cpu_began
-        row = {"stage": name, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "gflop": round(flops / 1e9, 1),
+        row = {"stage": name, "seconds": round(seconds, 6), "cpu_seconds": round(cpu, 6), "gflop": round(flops / 1e9, 1),
                "gflop_per_s": round(flops / seconds / 1e9, 1) if flops else None,
                "share_of_matmul_rate": round(flops / seconds / self.rate, 3) if flops else None,
                "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2)}
