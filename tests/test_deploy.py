@@ -49,8 +49,16 @@ EXPORTED = {
     "ray_sinkserve_ab_shadow_requests_total": "counter",
     "ray_sinkserve_ab_retries_total": "counter",
     "ray_sinkserve_ab_variant_down_total": "counter",
+    "ray_sinkserve_quality_pairs_total": "counter",
+    "ray_sinkserve_quality_nll_gap_nats": "histogram",
+    "ray_sinkserve_quality_token_agreement": "histogram",
+    "ray_sinkserve_cost_per_million_output_tokens": "gauge",
+    "ray_sinkserve_canary_decisions_total": "counter",
+    "ray_sinkserve_canary_weight": "gauge",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# Series Prometheus makes itself: `up` tells a counter that is new from one Prometheus sees for the first time.
+PROMETHEUS_SERIES = {"up"}
 # PromQL words that are not metric names (functions and aggregations are recognised by their "(").
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
                    "offset", "inf", "nan"}
@@ -205,7 +213,7 @@ def test_unknown_key_check_catches_a_typo():
 def test_app_args_engines_and_routing_validate_with_the_apps_own_types():
     from serve.app import AppArgs
     from serve.config import EngineConfig
-    from serve.routing import RoutingConfig
+    from serve.router_config import RouterSettings
 
     app = serve_config()["applications"][0]
     args = AppArgs.model_validate(app["args"])
@@ -214,9 +222,9 @@ def test_app_args_engines_and_routing_validate_with_the_apps_own_types():
         EngineConfig(**variant.engine)
     [router] = [d for d in app["deployments"] if d["name"] == "ABRouter"]
     user_config = router["user_config"]
-    assert set(user_config) <= {"weights", "sticky", "shadow", "salt"}
-    routing = RoutingConfig.from_user_config(user_config, sorted(args.variants))
-    assert routing.weights == {"dense": 0.5, "pruned": 0.5} and routing.sticky
+    settings = RouterSettings.model_validate(user_config)  # unknown keys are refused
+    settings.check_variants(sorted(args.variants))
+    assert settings.weights == {"dense": 0.5, "pruned": 0.5} and settings.sticky
 
 
 def test_deployment_overrides_name_the_apps_deployments_and_ray_accepts_them():
@@ -374,9 +382,41 @@ def test_rules_pass_promtool_check_and_unit_tests(promtool):
     run_promtool(promtool, "test", "rules", str(PROMETHEUS / "rules_test.yml"))
     records = recording_rules()
     for needed in ("variant:sinkserve_request_latency_seconds:p95_rate5m", "variant:sinkserve_generated_tokens:rate5m",
-                   "variant:sinkserve_requests_failed:ratio_rate5m", "variant:sinkserve_ab_fallbacks:rate5m"):
+                   "variant:sinkserve_requests_failed:ratio_rate5m", "variant:sinkserve_ab_fallbacks:rate5m",
+                   "variant:sinkserve_quality_nll_gap:mean_rate5m", "variant:sinkserve_quality_token_agreement:mean_rate5m",
+                   "variant:sinkserve_quality_pairs_dropped:ratio_rate5m",
+                   "variant:sinkserve_cost_per_million_output_tokens:avg",
+                   "sinkserve:cost_per_million_output_tokens:pruned_over_dense"):
         assert needed in records
-    assert {r["alert"] for r in rules() if "alert" in r} >= {"SinkservePrunedSlowerThanDense", "SinkserveErrorRatioHigh"}
+    assert {r["alert"] for r in rules() if "alert" in r} >= {
+        "SinkservePrunedSlowerThanDense", "SinkserveErrorRatioHigh", "SinkservePrunedQualityGap",
+        "SinkserveCanaryRolledBack", "SinkserveQualityChecksDropped"}
+
+
+def test_every_alert_is_unit_tested_firing_and_silent():
+    tests = yaml.safe_load((PROMETHEUS / "rules_test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    for alert in (r["alert"] for r in rules() if "alert" in r):
+        outcomes = {bool(case["exp_alerts"]) for case in cases if case["alertname"] == alert}
+        assert outcomes == {True, False}, f"rules_test.yml: {alert} is not tested both firing and silent"
+
+
+def test_alerts_on_a_counters_increase_also_count_a_new_series():
+    """Ray exports a counter from its first increment on, already at 1, and increase() sees no rise
+    in a series' first sample: an alert on `increase(...) > 0` alone misses every first event of a
+    router process (a rollout's only rollback, a variant's first outage)."""
+    checked = 0
+    for rule in rules():
+        if "alert" not in rule:
+            continue
+        for name in set(re.findall(r"\bincrease\((\w+)", rule["expr"])):
+            selector = rf"{name}(\{{[^}}]*\}})?"
+            assert re.search(rf"{selector}\s+unless\s+{selector}\s+offset", rule["expr"]), \
+                f"{rule['alert']}: increase({name}) misses a series that appears at 1"
+            assert re.search(r"and on \(instance\) \(up offset", rule["expr"]), \
+                f"{rule['alert']}: a counter new to Prometheus (not to its router) is no event"
+            checked += 1
+    assert checked >= 2
 
 
 # ---- Grafana ----------------------------------------------------------------------------
@@ -401,6 +441,20 @@ def test_dashboard_is_well_formed():
             assert target["datasource"] == source
             for label in re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")):
                 assert re.search(rf"\b{label}\b", target["expr"]), f"{panel['title']}: legend {label} is not kept"
+
+
+def test_dashboard_rows_hold_their_panels():
+    """Grafana puts a panel in the row above it: each panel lies between its row and the next."""
+    board = dashboard()["panels"]
+    rows = [i for i, panel in enumerate(board) if panel["type"] == "row"]
+    assert rows[0] == 0 and [board[i]["title"] for i in rows][-1] == "Decision: quality, cost, canary"
+    for start, end in zip(rows, rows[1:] + [len(board)]):
+        top = board[start]["gridPos"]["y"] + 1
+        bottom = board[end]["gridPos"]["y"] if end < len(board) else float("inf")
+        for panel in board[start + 1:end]:
+            pos = panel["gridPos"]
+            assert top <= pos["y"] and pos["y"] + pos["h"] <= bottom, \
+                f"{panel['title']} is not inside the row {board[start]['title']}"
 
 
 def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
@@ -429,8 +483,8 @@ def test_metric_name_extraction():
 def test_dashboard_and_rules_use_only_exported_metrics_and_defined_records():
     exported, records = series_names(), set(recording_rules())
     for where, names in used_metric_names().items():
-        assert names, f"{where}: reads no metric"
-        unknown = {n for n in names if n not in exported and n not in records}
+        assert names - PROMETHEUS_SERIES, f"{where}: reads no metric"
+        unknown = {n for n in names if n not in exported and n not in records and n not in PROMETHEUS_SERIES}
         assert not unknown, f"{where} reads {sorted(unknown)}, which the server does not export"
         if where.startswith("dashboard"):  # the dashboard works on any Prometheus scraping Ray, rules or not
             assert not names & records, f"{where} reads a recorded series"

@@ -25,9 +25,19 @@ from tests.test_deploy import EXPORTED, PROMETHEUS, dashboard_exprs, recording_r
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SMALL = {"max_tokens": 4, "steps": 4}
 USERS = [f"deploy-user-{i}" for i in range(8)]  # sticky 50/50 with the default salt: both variants get some
-# Counters that only appear in the exposition once their event happened: a variant down, shadow mode on.
+# Series that only appear in the exposition once their event happened: a variant down, a retry,
+# a quality check run (its copy, its outcome, its gap and agreement), a canary decision; the
+# canary's weight only while a canary policy is configured, the live cost only with prices
+# configured and traffic in the router's cost window.
 EVENT_ONLY = {"ray_sinkserve_ab_fallbacks_total", "ray_sinkserve_ab_shadow_requests_total",
-              "ray_sinkserve_ab_retries_total", "ray_sinkserve_ab_variant_down_total"}
+              "ray_sinkserve_ab_retries_total", "ray_sinkserve_ab_variant_down_total",
+              "ray_sinkserve_quality_pairs_total",
+              "ray_sinkserve_quality_nll_gap_nats_bucket", "ray_sinkserve_quality_nll_gap_nats_sum",
+              "ray_sinkserve_quality_nll_gap_nats_count",
+              "ray_sinkserve_quality_token_agreement_bucket", "ray_sinkserve_quality_token_agreement_sum",
+              "ray_sinkserve_quality_token_agreement_count",
+              "ray_sinkserve_canary_decisions_total", "ray_sinkserve_canary_weight",
+              "ray_sinkserve_cost_per_million_output_tokens"}
 
 
 def post(base_url: str, body: dict, headers: dict | None = None) -> tuple[int, str | None]:
