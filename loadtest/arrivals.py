@@ -9,7 +9,7 @@ def arrival_offsets(rate: float, count: int, burstiness: float = 1.0, seed: int 
 
     Inter-arrival gaps are gamma-distributed with mean 1/rate and shape
     `burstiness` (1.0 is a Poisson process; below 1 is burstier, above 1
-    smoother). `rate=inf` sends everything at once.
+    smoother, `inf` evenly spaced as in vLLM). `rate=inf` sends everything at once.
     """
     if rate <= 0 or burstiness <= 0 or count < 0:
         raise ValueError("rate and burstiness must be > 0 and count >= 0")
@@ -19,5 +19,5 @@ def arrival_offsets(rate: float, count: int, burstiness: float = 1.0, seed: int 
     offsets, now = [], 0.0
     for _ in range(count):
         offsets.append(now)
-        now += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        now += 1.0 / rate if burstiness == float("inf") else rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
     return offsets

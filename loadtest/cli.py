@@ -1,7 +1,8 @@
 """`python -m loadtest`: drive real HTTP load at a sinkserve endpoint and summarise it.
 
 Writes one JSON line per request (`records.jsonl`, failures included) and a
-`summary.json` per sweep point, per variant, with vLLM's field names.
+`summary.json` per sweep point, per variant, with vLLM's field names; vLLM's
+`vllm bench serve` flags work beside ours (loadtest/vllm_flags.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import aiohttp
 from loadtest.client import RequestRecord, Target, send_completion
 from loadtest.prompts import load_prompts
 from loadtest.runner import Phase, run_phase
-from loadtest.summary import summarize_by_variant
+from loadtest.summary import SummarySpec, summarize_by_variant
+from loadtest.vllm_flags import add_vllm_flags, summary_spec, validate_load_flags
 from sinkprune.cli_args import Parser, error_line, existing_file
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 
@@ -32,17 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rates", default=None, help="open loop: comma-separated request rates per second (inf allowed)")
     mode.add_argument("--concurrencies", default=None, help="closed loop: comma-separated concurrencies (default 4)")
+    add_vllm_flags(p, mode)
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
-    p.add_argument("--num-requests", type=int, default=32, help="per sweep point")
+    p.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=32,
+                   help="per sweep point (--num-prompts: vLLM's name)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="per sweep point; unsent requests are dropped")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", "--output-len", dest="max_tokens", type=int, default=32,
+                   help="per request (--output-len: vLLM's name)")
     p.add_argument("--prompt-words", type=int, default=24)
     p.add_argument("--prompts", default=None, type=existing_file, help="a text file, one prompt per line (default: evaluation text)")
     p.add_argument("--variant", default=None, help="force a variant (x-dlm-variant header); default: the A/B router")
     p.add_argument("--users", type=int, default=64, help="distinct user ids cycled through (sticky assignment)")
     p.add_argument("--chat", action="store_true",
                    help="load /v1/chat/completions (each prompt as one user message) instead of /v1/completions")
-    p.add_argument("--extra", default=None, help="JSON merged into every request body, e.g. '{\"steps\": 16}'")
+    p.add_argument("--extra", "--extra-body", dest="extra", default=None,
+                   help="JSON merged into every request body, e.g. '{\"steps\": 16}' (--extra-body: vLLM's name)")
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -54,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def phases(args) -> list[Phase]:
-    if args.rates:
-        return [Phase(args.num_requests, args.max_seconds, rate=float(r), burstiness=args.burstiness, seed=args.seed)
-                for r in args.rates.split(",")]
-    return [Phase(args.num_requests, args.max_seconds, concurrency=int(c)) for c in (args.concurrencies or "4").split(",")]
+    """One phase per sweep point; `--max-concurrency` caps open-loop points or alone is the closed loop."""
+    cap = args.max_concurrency
+    if args.request_rate is not None or args.rates:
+        rates = [args.request_rate] if args.request_rate is not None else [float(r) for r in args.rates.split(",")]
+        return [Phase(args.num_requests, args.max_seconds, rate=r, concurrency=cap, burstiness=args.burstiness,
+                      seed=args.seed) for r in rates]
+    concurrencies = [cap] if cap else [int(c) for c in (args.concurrencies or "4").split(",")]
+    return [Phase(args.num_requests, args.max_seconds, concurrency=c) for c in concurrencies]
 
 
 def validate(args) -> None:
@@ -68,6 +78,7 @@ def validate(args) -> None:
         raise ValueError(f"--base-url host {host!r} is not loopback; pass --allow-remote to load a remote endpoint")
     if args.num_requests < 1 or args.max_seconds <= 0 or args.max_tokens < 1 or args.users < 1:
         raise ValueError("--num-requests, --max-seconds, --max-tokens and --users must be positive")
+    validate_load_flags(args)
     flag = "--rates" if args.rates else "--concurrencies"
     try:
         points = phases(args)
@@ -75,8 +86,8 @@ def validate(args) -> None:
         raise ValueError(f"{flag} {args.rates or args.concurrencies!r} is not a comma-separated list of "
                          f"{'numbers' if args.rates else 'integers'}") from None
     for phase in points:
-        if (phase.rate is not None and phase.rate <= 0) or (phase.concurrency is not None and phase.concurrency < 1):
-            raise ValueError("rates must be > 0 and concurrencies >= 1")
+        if (phase.rate is not None and not phase.rate > 0) or (phase.concurrency is not None and phase.concurrency < 1):
+            raise ValueError(f"{flag}: rates must be > 0 and concurrencies >= 1")
 
 
 def parse_extra(spec: str | None) -> dict | None:
@@ -91,7 +102,7 @@ def parse_extra(spec: str | None) -> dict | None:
     return extra
 
 
-async def run(args, out: Path, prompts: list[str], extra: dict | None) -> dict:
+async def run(args, out: Path, prompts: list[str], extra: dict | None, spec: SummarySpec) -> dict:
     """Run every phase; records.jsonl and summary.json go to `out`."""
     target = Target(args.base_url, args.model, args.api_key, args.timeout, chat=args.chat)
     results = []
@@ -109,35 +120,42 @@ async def run(args, out: Path, prompts: list[str], extra: dict | None) -> dict:
                 records, duration = await run_phase(phase, make_record, send, progress=not args.quiet)
                 for record in records:
                     log.write(json.dumps({"phase": phase.label, **record.to_dict()}) + "\n")
+                rate = phase.rate if phase.rate is not None else float("inf")
                 results.append({"phase": phase.label, "rate": phase.rate, "concurrency": phase.concurrency,
-                                "summary": summarize_by_variant(records, duration)})
+                                "request_rate": rate if rate < float("inf") else "inf", "burstiness": phase.burstiness,
+                                "max_concurrency": phase.concurrency,
+                                "summary": summarize_by_variant(records, duration, spec)})
     report = {"base_url": args.base_url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
-              "variant": args.variant, "phases": results}
+              "variant": args.variant, "num_prompts": args.num_requests,
+              "percentile_metrics": ",".join(spec.metrics), "goodput": spec.goodput_ms or None, "phases": results}
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def print_table(report: dict) -> None:
-    print(f"{'phase':>18} {'variant':>8} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} "
-          f"{'p50 e2e ms':>10} {'p99 e2e ms':>10} {'p50 ttft ms':>11}")
+    """Throughput and the mean latencies (those written whatever --percentile-metrics chose)."""
+    print(f"{'phase':>32} {'variant':>8} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'peak':>4} "
+          f"{'e2e ms':>8} {'ttft ms':>8} {'itl ms':>8}")
     for phase in report["phases"]:
         for variant, s in phase["summary"].items():
-            print(f"{phase['phase']:>18} {variant:>8} {s['completed']:>4} {s['failed']:>4} "
-                  f"{s['request_throughput']:>7.2f} {s['output_throughput']:>8.1f} {s['p50_e2el_ms']:>10.0f} "
-                  f"{s['p99_e2el_ms']:>10.0f} {s['p50_ttft_ms']:>11.0f}")
+            means = " ".join(f"{s.get(f'mean_{m}_ms', float('nan')):>8.0f}" for m in ("e2el", "ttft", "itl"))
+            print(f"{phase['phase']:>32} {variant:>8} {s['completed']:>4} {s['failed']:>4} "
+                  f"{s['request_throughput']:>7.2f} {s['output_throughput']:>8.1f} {s['max_concurrent_requests']:>4} "
+                  f"{means}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
+        spec = summary_spec(args)
         extra = parse_extra(args.extra)
         prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
         check_output(args.out_dir, args.overwrite)
     except (ValueError, OSError) as err:
         return error_line(PROG, str(err))
     with staged_output(args.out_dir, args.overwrite) as out:
-        report = asyncio.run(run(args, out, prompts, extra))
+        report = asyncio.run(run(args, out, prompts, extra, spec))
     if not args.quiet:
         print_table(report)
         print(f"wrote {Path(args.out_dir) / 'records.jsonl'} and {Path(args.out_dir) / 'summary.json'}")

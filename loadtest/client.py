@@ -4,13 +4,19 @@ Streaming is used so the time to the first committed block (the first SSE
 chunk carrying text) is measured as the client sees it; the final chunk's
 `usage` gives the token counts, and the `x-dlm-variant` header says which
 variant served the request. Every failure becomes a record with its kind.
+
+Each text-carrying chunk's arrival time is kept (`chunk_times_s`): inter-token
+latency (ITL) is the gap between successive ones, as vLLM's benchmark times it.
+A diffusion LM commits a block of several tokens per chunk, so ITL here is the
+time between committed blocks, not between single tokens; the chat stream's
+opening role chunk and the empty closing chunk carry no text and are not counted.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
@@ -30,6 +36,7 @@ class RequestRecord:
     sent_at: float = 0.0  # seconds since the run started
     ttft_s: float | None = None  # time to first committed block (first text chunk)
     e2e_s: float | None = None
+    chunk_times_s: list[float] = field(default_factory=list)  # arrival of each text chunk, since sent
     prompt_tokens: int = 0
     output_tokens: int = 0
     text: str = ""
@@ -105,8 +112,10 @@ async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, 
             return
         text = "".join(choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                        for choice in chunk.get("choices", []))
-        if text and record.ttft_s is None:
-            record.ttft_s = time.perf_counter() - began
+        if text:
+            record.chunk_times_s.append(time.perf_counter() - began)
+            if record.ttft_s is None:
+                record.ttft_s = record.chunk_times_s[0]
         pieces.append(text)
         if chunk.get("usage"):
             record.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)

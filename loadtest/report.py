@@ -4,34 +4,31 @@ Capacity (throughput, latency, cost per million output tokens) comes from the
 phases that forced each variant at the same concurrency; the routed phase shows
 the A/B split; the server's own counts (Prometheus exposition scraped before and
 after) are checked against the client's; quality comes from the artifact's
-manifest (paired NLL measured at prune time).
+manifest (paired NLL measured at prune time) and, when the router scores answers
+online, from the same scrapes, with the canary's decisions and the live cost
+(loadtest/online.py).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from loadtest.online import increase, markdown_lines, online_sections, parse_exposition
 from sinkprune.cli_args import Parser, error_line, existing_file
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 
 PROG = "python -m loadtest.report"
 
 REQUESTS_METRIC = "ray_sinkserve_requests"
+ONLINE_KEYS = ("online_quality", "canary", "live_cost")
 
 
 def server_counts(exposition: str) -> dict[str, dict[str, float]]:
     """`{variant: {status: count}}` from a Prometheus text exposition of the app."""
     counts: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(exposition):
-        if family.name != REQUESTS_METRIC:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                by_status = counts.setdefault(sample.labels.get("variant", "?"), {})
-                status = sample.labels.get("status", "?")
-                by_status[status] = by_status.get(status, 0.0) + sample.value
+    totals = increase({}, parse_exposition(exposition), REQUESTS_METRIC + "_total", ("variant", "status"))
+    for (variant, status), n in (totals or {}).items():
+        counts.setdefault(variant, {})[status] = n
     return counts
 
 
@@ -44,8 +41,9 @@ def cost_per_million(tokens_per_s: float, price_per_hour: float) -> float | None
 
 
 def build_report(phases: list[dict], manifest: dict | None, server: dict | None, price_per_hour: float,
-                 price_unit: str) -> dict:
-    """`phases`: loadtest summaries tagged with `variant_forced` (dense / pruned / None for routed)."""
+                 price_unit: str, online: dict | None = None) -> dict:
+    """`phases`: loadtest summaries tagged with `variant_forced` (dense / pruned / None for routed);
+    `online`: `online_sections` of the scrapes (None: no scrapes)."""
     capacity = {}
     for phase in phases:
         if phase.get("variant_forced"):
@@ -53,9 +51,9 @@ def build_report(phases: list[dict], manifest: dict | None, server: dict | None,
                 s = point["summary"]["all"]
                 capacity.setdefault(phase["variant_forced"], []).append({
                     "concurrency": point["concurrency"], "request_throughput": s["request_throughput"],
-                    "output_throughput": s["output_throughput"], "p50_e2el_ms": s["p50_e2el_ms"],
-                    "p90_e2el_ms": s["p90_e2el_ms"], "p99_e2el_ms": s["p99_e2el_ms"],
-                    "p50_ttft_ms": s["p50_ttft_ms"], "completed": s["completed"], "failed": s["failed"],
+                    "output_throughput": s["output_throughput"], "p50_e2el_ms": s.get("p50_e2el_ms"),
+                    "p90_e2el_ms": s.get("p90_e2el_ms"), "p99_e2el_ms": s.get("p99_e2el_ms"),
+                    "p50_ttft_ms": s.get("p50_ttft_ms"), "completed": s["completed"], "failed": s["failed"],
                     "cost_per_million_output_tokens": cost_per_million(s["output_throughput"], price_per_hour)})
     best = {v: max(points, key=lambda p: p["output_throughput"]) for v, points in capacity.items()}
     routed = next((p for p in phases if not p.get("variant_forced")), None)
@@ -75,9 +73,15 @@ def build_report(phases: list[dict], manifest: dict | None, server: dict | None,
                                                                       ("method", "pattern", "sparsity")}}
     if "dense" in best and "pruned" in best and best["dense"]["output_throughput"] > 0:
         report["throughput_ratio"] = best["pruned"]["output_throughput"] / best["dense"]["output_throughput"]
+    report.update({key: (online or {}).get(key) for key in ONLINE_KEYS})
     if server is not None:
         report["counts_agree"] = all(server.get(v, {}).get("ok", 0.0) == c["ok"] for v, c in client.items())
     return report
+
+
+def _ms(value: float | None) -> str:
+    """A latency cell; runs made with vLLM's --metric-percentiles may lack a percentile."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 def markdown(report: dict) -> str:
@@ -88,8 +92,8 @@ def markdown(report: dict) -> str:
         for p in points:
             cost = p["cost_per_million_output_tokens"]
             lines.append(f"| {variant} | {p['concurrency']} | {p['request_throughput']:.2f} | {p['output_throughput']:.1f} | "
-                         f"{p['p50_e2el_ms']:.0f} / {p['p90_e2el_ms']:.0f} / {p['p99_e2el_ms']:.0f} | "
-                         f"{p['p50_ttft_ms']:.0f} | {'-' if cost is None else f'{cost:.3f}'} |")
+                         f"{_ms(p['p50_e2el_ms'])} / {_ms(p['p90_e2el_ms'])} / {_ms(p['p99_e2el_ms'])} | "
+                         f"{_ms(p['p50_ttft_ms'])} | {'-' if cost is None else f'{cost:.3f}'} |")
     lines.append("")
     if "throughput_ratio" in report:
         lines.append(f"- Pruned / dense output throughput (best point each): **{report['throughput_ratio']:.2f}x**")
@@ -107,6 +111,7 @@ def markdown(report: dict) -> str:
         server_ok = {v: s.get("ok", 0) for v, s in report["server_counts"].items()}
         client_ok = {v: c["ok"] for v, c in report["client_counts"].items()}
         lines.append(f"- Successful requests, server (Prometheus) {server_ok} vs client {client_ok}: {agree}")
+    lines.extend(markdown_lines(report))
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +123,8 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, points in sorted(report["capacity"].items()):
+    for variant, all_points in sorted(report["capacity"].items()):
+        points = [p for p in all_points if p["p50_e2el_ms"] is not None]
         xs = [p["output_throughput"] for p in points]
         ys = [p["p50_e2el_ms"] / 1000 for p in points]
         ax.plot(xs, ys, marker="o", label=variant)
@@ -145,8 +151,9 @@ def read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{what}: {path} cannot be read as JSON: {err}") from None
 
 
-def load_inputs(args) -> tuple[list[dict], dict | None, dict | None]:
-    """The load-test runs, the artifact's manifest and the server's counts named on the command line."""
+def load_inputs(args) -> tuple[list[dict], dict | None, dict | None, dict | None]:
+    """The load-test runs, the artifact's manifest, the server's counts and its online sections
+    named on the command line."""
     phases = []
     for spec in args.run:
         name, sep, directory = spec.partition("=")
@@ -157,11 +164,17 @@ def load_inputs(args) -> tuple[list[dict], dict | None, dict | None]:
     manifest = None
     if args.pruned_artifact:
         manifest = read_json(Path(args.pruned_artifact) / "sinkprune.json", "--pruned-artifact")
-    server = None
-    if args.metrics_before and args.metrics_after:
-        server = count_delta(server_counts(Path(args.metrics_before).read_text()),
-                             server_counts(Path(args.metrics_after).read_text()))
-    return phases, manifest, server
+    server = online = None
+    if bool(args.metrics_before) != bool(args.metrics_after):
+        raise ValueError("--metrics-before and --metrics-after go together (the report counts what happened between)")
+    if args.metrics_before:
+        before, after = Path(args.metrics_before).read_text(), Path(args.metrics_after).read_text()
+        try:
+            server = count_delta(server_counts(before), server_counts(after))
+            online = online_sections(before, after)
+        except ValueError as err:  # prometheus_client's parser
+            raise ValueError(f"--metrics-before/--metrics-after: not a Prometheus text exposition: {err}") from None
+    return phases, manifest, server, online
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_output(args.out_dir, args.overwrite)
-        phases, manifest, server = load_inputs(args)
+        phases, manifest, server, online = load_inputs(args)
     except ValueError as err:
         return error_line(PROG, str(err))
-    report = build_report(phases, manifest, server, args.price_per_hour, args.price_unit)
+    report = build_report(phases, manifest, server, args.price_per_hour, args.price_unit, online)
     table = markdown(report)
     with staged_output(args.out_dir, args.overwrite) as out:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

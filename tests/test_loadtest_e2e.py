@@ -52,3 +52,27 @@ def test_chat_load_reads_streamed_deltas(app, tmp_path):
     assert chat["pruned"]["total_output_tokens"] > 0 and chat["pruned"]["total_input_tokens"] > 8 * 5
     refused = _run(app, tmp_path, "chat-dense", {"steps": 4}, "--chat", "--variant", "dense", requests=4)
     assert refused["all"]["failed"] == 4 and refused["all"]["errors"] == {"http_400": 4}
+
+
+def test_vllm_command_line_writes_vllm_fields(app, tmp_path):
+    # only `vllm bench serve` flag names (plus where to write and --quiet); 4 tokens in blocks of 2: two chunks
+    out = tmp_path / "vllm"
+    code = loadtest_main(["--base-url", app.base_url, "--num-prompts", "8", "--request-rate", "inf",
+                          "--max-concurrency", "4", "--percentile-metrics", "ttft,tpot,itl,e2el",
+                          "--metric-percentiles", "50,99", "--goodput", "e2el:100000", "--output-len", "4",
+                          "--extra-body", json.dumps({"steps": 4, "block_length": 2}),
+                          "--out-dir", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "summary.json").read_text())
+    [point] = report["phases"]
+    assert (point["request_rate"], point["max_concurrency"], report["num_prompts"]) == ("inf", 4, 8)
+    s = point["summary"]["all"]
+    assert s["completed"] == 8 and s["failed"] == 0
+    assert s["total_output_tokens"] > 0 and s["total_input_tokens"] > 0 and s["duration"] > 0
+    assert 0 < s["request_goodput"] <= s["request_throughput"]
+    assert 1 <= s["max_concurrent_requests"] <= 4 and s["max_output_tokens_per_s"] > 0
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        assert s[f"p99_{metric}_ms"] >= s[f"p50_{metric}_ms"] >= 0, metric  # NaN (no values) fails too
+        assert {f"mean_{metric}_ms", f"median_{metric}_ms", f"std_{metric}_ms"} <= set(s)
+        assert f"p90_{metric}_ms" not in s
+    assert s["p50_ttft_ms"] <= s["p50_e2el_ms"]
