@@ -15,6 +15,7 @@ from ray.serve import Application
 from serve.guards import DEFAULT_MAX_BODY_BYTES
 from serve.replica import ModelReplica
 from serve.router import ABRouter
+from serve.router_config import CanaryPolicy, CostSettings, QualitySettings, RouterSettings
 from serve.schemas import MAX_TOKENS_LIMIT
 
 
@@ -43,6 +44,9 @@ class AppArgs(BaseModel):
     weights: dict[str, float] | None = None
     sticky: bool = True
     shadow: bool = False
+    quality: QualitySettings | None = Field(None, description="paired quality checks (the router's user_config)")
+    cost: CostSettings | None = Field(None, description="prices per replica-hour for the live cost gauge")
+    canary: CanaryPolicy | None = Field(None, description="a rollout policy for the pruned variant")
     request_timeout_s: float = Field(300.0, gt=0)
     max_tokens: int = Field(MAX_TOKENS_LIMIT, ge=1, le=MAX_TOKENS_LIMIT,
                             description="largest max_tokens a request may ask (the OpenAPI document says it)")
@@ -74,9 +78,15 @@ def build_app(args: dict) -> Application:
         handles[name] = deployment.bind(name, variant.model, variant.device, variant.dtype, variant.engine,
                                         variant.sparse_backend)
     routing = {"weights": config.weights, "sticky": config.sticky, "shadow": config.shadow}
+    routing |= {name: getattr(config, name).model_dump() for name in ("quality", "cost", "canary")
+                if getattr(config, name) is not None}
+    RouterSettings.model_validate(routing).check_variants(sorted(config.variants))  # fails the build, not a replica
+    specs = {name: {"model": v.model, "device": v.device, "num_replicas": v.num_replicas}
+             for name, v in config.variants.items()}
     # Serve hands the router more requests than it will hold, so the router refuses the excess itself
     router = ABRouter.options(max_ongoing_requests=config.max_concurrent_requests + 64,
                               max_queued_requests=config.max_queued_requests, user_config=routing,
                               ray_actor_options={"num_cpus": 0})  # I/O-bound: never blocks a model replica
     return router.bind(handles, config.model_name, routing, config.request_timeout_s, config.max_tokens,
-                       config.max_body_bytes, max_concurrent_requests=config.max_concurrent_requests)
+                       config.max_body_bytes, max_concurrent_requests=config.max_concurrent_requests,
+                       variant_specs=specs)

@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from sinkprune.dlm.likelihood import estimate_nll
 from sinkprune.dlm.model import DiffusionLM
 from serve.config import EngineConfig
 from serve.model_runner import ModelRunner
@@ -133,6 +136,26 @@ class DLMEngine:
                     raise EngineError(event.output.error)
                 return event.output
         raise AssertionError("a stream always ends with a finished event")
+
+    async def score(self, request: GenerationRequest, answers: list[dict], samples: int, seed: int) -> list[float]:
+        """NLL per token (nats) of each answer (`token_ids`, `finish_reason`) after `request`'s
+        prompt, under this model, with the same Monte-Carlo masks for answers of equal length:
+        the router's paired quality check. An answer that stopped is scored with the end token
+        that stopped it. Runs on the engine's worker thread, between denoising steps."""
+        self._bind_loop()
+        prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
+                           self.config.dual_cache, self.config.stop_token_ids, self._max_prompt_chars)
+        prompt, eos = prepared.prompt_ids, self.model.config.eos_token_ids
+        rows = [prompt + list(a["token_ids"]) + (list(eos[:1]) if a["finish_reason"] == "stop" else [])
+                for a in answers]
+        if any(len(row) == len(prompt) or len(row) > self._max_length for row in rows):
+            raise RequestError("answers", "an answer to score is empty or longer than a sequence may be")
+
+        def nll(row: list[int]) -> float:
+            sequence = torch.tensor([row], device=self.runner.device)
+            return estimate_nll(self.model, sequence, samples, seed, batch_size=samples, scored_from=len(prompt)).mean
+
+        return await self._loop.run_in_executor(self._executor, lambda: [nll(row) for row in rows])
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: a waiting one leaves the queue now, a running one frees its

@@ -179,11 +179,31 @@ def _interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+ROUTER_KEYS = ("weights", "sticky", "shadow", "quality", "cost", "canary")
+
+
+def read_router_config(path: str) -> dict:
+    """The router part of the app's arguments from a YAML (or JSON) file; ValueError naming the problem."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--router-config {path}: cannot be read as YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--router-config {path}: must be a mapping of {', '.join(ROUTER_KEYS)}")
+    unknown = sorted(set(config) - set(ROUTER_KEYS))
+    if unknown:
+        raise ValueError(f"--router-config {path}: unknown keys {unknown}; allowed: {', '.join(ROUTER_KEYS)}")
+    return config
+
+
 def main() -> None:
     from pydantic import ValidationError
 
     from serve.app import AppArgs
-    from sinkprune.cli_args import Parser, error_line, port_number
+    from serve.router_config import RouterSettings
+    from sinkprune.cli_args import Parser, error_line, existing_file, port_number
     from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
 
     parser = Parser(prog="python -m serve.local",
@@ -198,20 +218,29 @@ def main() -> None:
                         "(default: 1 MiB)")
     parser.add_argument("--host", default=LOOPBACK, help="HTTP bind address; 0.0.0.0 exposes the API to the network "
                         "(Ray itself stays on loopback)")
+    parser.add_argument("--router-config", type=existing_file, default=None,
+                        help="YAML or JSON of the router's decisions: weights, sticky, shadow, quality, cost, canary "
+                        "(docs/ROLLOUT.md)")
     args = parser.parse_args()
     try:
         for model in filter(None, (args.model, args.pruned)):
             resolve_model_dir(model)
-    except ModelLoadError as err:
+        router = read_router_config(args.router_config) if args.router_config else {}
+    except (ModelLoadError, ValueError) as err:
         raise SystemExit(error_line(parser.prog, str(err))) from None
     app_args = {k: v for k, v in {"model": args.model, "pruned": args.pruned, "max_tokens": args.max_tokens,
-                                  "max_body_bytes": args.max_body_bytes}.items() if v is not None}
+                                  "max_body_bytes": args.max_body_bytes}.items() if v is not None} | router
     try:  # the app's own argument rules, checked before Ray starts
-        AppArgs.model_validate(app_args)
+        config = AppArgs.model_validate(app_args)
+        RouterSettings.model_validate(router).check_variants(sorted(config.variants))
     except ValidationError as err:
         problem = err.errors()[0]
-        field = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "arguments"
+        where = ".".join(str(part) for part in problem["loc"])
+        field = f"--router-config {where}" if problem["loc"] and problem["loc"][0] in router \
+            else "--" + where.replace("_", "-") if where else "arguments"
         raise SystemExit(error_line(parser.prog, f"{field}: {problem['msg']}")) from None
+    except ValueError as err:
+        raise SystemExit(error_line(parser.prog, f"--router-config: {err}")) from None
     signal.signal(signal.SIGTERM, _interrupt)  # until ray.init replaces it; local_app sets it again after
     try:
         with local_app(app_args, args.port, args.metrics_port, host=args.host,

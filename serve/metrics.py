@@ -13,6 +13,10 @@ PREFIX = "sinkserve_"
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# Ray accepts only positive bucket bounds: a gap at or below 0.01 (the candidate's answer as likely
+# as the reference's, or likelier) lands in the first bucket; the mean (_sum / _count) stays exact.
+GAP_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8]
+AGREEMENT_BUCKETS = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
 
 
 class ReplicaMetrics:
@@ -86,7 +90,22 @@ class RouterMetrics:
                                    tag_keys=("variant",))
         self.fallbacks = Counter(PREFIX + "ab_fallbacks", "Requests sent to another variant because theirs was down",
                                  tag_keys=("variant",))
-        self.shadow = Counter(PREFIX + "ab_shadow_requests", "Shadow copies sent to a variant", tag_keys=("variant",))
+        self.shadow = Counter(PREFIX + "ab_shadow_requests", "Quality-check copies of user requests run on a variant",
+                              tag_keys=("variant",))
+        self.quality_pairs = Counter(PREFIX + "quality_pairs", "Paired quality checks of a candidate variant, by "
+                                     "outcome (scored, dropped_busy, failed)", tag_keys=("variant", "outcome"))
+        self.quality_gap = Histogram(PREFIX + "quality_nll_gap_nats", "Reference model's NLL of the candidate's answer "
+                                     "minus its NLL of its own answer (nats per token, paired)",
+                                     boundaries=GAP_BUCKETS, tag_keys=("variant",))
+        self.quality_agreement = Histogram(PREFIX + "quality_token_agreement", "Share of positions where the "
+                                           "candidate's answer holds the reference's token",
+                                           boundaries=AGREEMENT_BUCKETS, tag_keys=("variant",))
+        self.cost = Gauge(PREFIX + "cost_per_million_output_tokens", "Replica-hour price / output tokens served over "
+                          "the cost window, per million tokens (user traffic only)", tag_keys=("variant",))
+        self.canary_decisions = Counter(PREFIX + "canary_decisions", "Canary decisions (promote, rollback, complete) "
+                                        "and the gate that decided", tag_keys=("variant", "decision", "reason"))
+        self.canary_weight = Gauge(PREFIX + "canary_weight", "Share of traffic the canary gives its candidate",
+                                   tag_keys=("variant",))
 
     def outcome(self, variant: str | None, status: str) -> None:
         assert status in OUTCOMES, status

@@ -72,8 +72,9 @@ class ModelReplica:
         self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running,
                                    stats.query_tokens)
 
-    async def stream(self, request: dict) -> AsyncIterator[dict]:
-        """Events of one request: `tokens` chunks, then `finished` with the output (or one `error`)."""
+    async def stream(self, request: dict, record: bool = True) -> AsyncIterator[dict]:
+        """Events of one request: `tokens` chunks, then `finished` with the output (or one `error`).
+        `record=False` (a quality-check copy) leaves it out of the user request metrics."""
         try:
             events = self.engine.submit(GenerationRequest(**request))
         except RequestError as err:
@@ -87,13 +88,13 @@ class ModelReplica:
             yield error_event(500, f"could not prepare the request: {type(err).__name__}", "server_error")
             return
         try:
-            async for event in self._events(events):
+            async for event in self._events(events, record):
                 yield event
         except Exception as err:  # a bug must reach the client as a 500, not kill the stream silently
             log.exception("variant %s: request failed", self.variant)
             yield error_event(500, f"generation failed: {type(err).__name__}", "server_error")
 
-    async def _events(self, events) -> AsyncIterator[dict]:
+    async def _events(self, events, record: bool) -> AsyncIterator[dict]:
         async for event in events:
             if event.type == FINISHED:
                 output = event.output
@@ -105,7 +106,8 @@ class ModelReplica:
                     yield error_event(503, "the replica stopped before finishing the request", "unavailable",
                                       retry_after=1)
                 else:
-                    self.metrics.request_finished(output)
+                    if record:
+                        self.metrics.request_finished(output)
                     yield {"type": FINISHED, "output": output_dict(output)}
             elif event.text or event.token_ids:
                 yield {"type": event.type, "text": event.text, "token_ids": event.token_ids, "block": event.block}
@@ -116,6 +118,32 @@ class ModelReplica:
         async for event in self.stream(request):
             last = event
         return last
+
+    def _busier_than(self, max_busy: int) -> bool:
+        return self.engine.num_waiting + self.engine.num_running > max_busy
+
+    async def shadow(self, request: dict, max_busy: int) -> dict:
+        """A quality check's copy of a user request: refused (`dropped`) rather than queued
+        when this replica holds more than `max_busy` requests; not counted as user traffic."""
+        if self._busier_than(max_busy):
+            return {"type": "dropped", "reason": "busy"}
+        last = None
+        async for event in self.stream(request, record=False):
+            last = event
+        return last
+
+    async def score(self, request: dict, answers: list[dict], samples: int, seed: int, max_busy: int) -> dict:
+        """This model's NLL per token of each answer to `request` (see `DLMEngine.score`)."""
+        if self._busier_than(max_busy):
+            return {"type": "dropped", "reason": "busy"}
+        try:
+            return {"type": "scored", "nll": await self.engine.score(GenerationRequest(**request), answers, samples,
+                                                                    seed)}
+        except RequestError as err:
+            return error_event(400, str(err), "invalid_request_error", err.field)
+        except Exception as err:  # a bug scoring: this check fails, nothing else
+            log.exception("variant %s: could not score answers", self.variant)
+            return error_event(500, f"scoring failed: {type(err).__name__}", "server_error")
 
     def info(self) -> dict:
         return {"variant": self.variant, "model": self.model_path, "sparse_layers": len(self.swapped),

@@ -11,6 +11,11 @@ Trust rules it keeps (docs/SERVING.md):
   sent once more: to a live replica of its variant, else (unless forced) the other;
 - every outcome is counted per variant, here, where it survives a replica's death.
 
+It also decides (docs/ROLLOUT.md): sampled requests get a paired quality check
+(`serve.quality`), a live cost per million output tokens is exported per variant
+(`serve.cost`), and a canary policy moves the pruned variant's share of traffic up
+or back to zero on those numbers (`serve.canary`). All of it is `user_config`.
+
 (No `from __future__ import annotations` here: FastAPI must see the real body
 types of the endpoints, which Serve's class-based ingress does not resolve.)
 """
@@ -32,8 +37,13 @@ from ray.serve.handle import DeploymentHandle
 
 from serve import api_errors, openapi
 from serve.api_errors import VARIANT_HEADER, APIError, outcome_of
+from serve.canary import CanaryController
+from serve.canary_store import GcsStore
+from serve.cost import TokenRate, cost_per_million, replica_hour_price
 from serve.guards import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, RequestGuard
 from serve.metrics import RouterMetrics
+from serve.quality import PairResult, QualityChecker
+from serve.router_config import RouterSettings
 from serve.routing import Router, RoutingConfig
 from serve.schemas import (
     MAX_TOKENS_LIMIT,
@@ -48,6 +58,7 @@ from serve.schemas import (
     GenerateResponse,
     ModelCard,
     ModelList,
+    RolloutStatus,
     Usage,
 )
 from serve.variant_health import VariantHealth
@@ -145,8 +156,11 @@ class ABRouter:
     def __init__(self, variants: dict[str, DeploymentHandle], model_name: str = "sinkserve",
                  routing: dict | None = None, request_timeout_s: float = 300.0, max_tokens: int = MAX_TOKENS_LIMIT,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0,
-                 max_concurrent_requests: int = 512):
+                 max_concurrent_requests: int = 512, variant_specs: dict[str, dict] | None = None):
+        """`variant_specs`: each variant's model, device and replica count (cost, and what
+        identifies a canary rollout)."""
         self.handles = variants
+        self.variant_specs = variant_specs or {v: {"model": v, "device": "cpu", "num_replicas": 1} for v in variants}
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
         self.max_tokens = max_tokens
@@ -159,12 +173,53 @@ class ABRouter:
         app.state.count_refusal = lambda status: self.metrics.outcome(None, outcome_of(status))
         self._openapi: dict | None = None
         app.openapi = self._openapi_schema
-        self.reconfigure(routing or {})
+        self.quality = QualityChecker(variants, self._on_pair)
+        self.canary: CanaryController | None = None
+        self.canary_store, self.leader = GcsStore(), True
+        self.tokens = TokenRate(60.0, time.monotonic())
+        self._ticker: asyncio.Task | None = None
+        self._configure(RouterSettings.model_validate(routing or {}))
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Live changes from `serve deploy` (`user_config`): weights, sticky, shadow, salt."""
-        self.router = Router(RoutingConfig.from_user_config(user_config or {}, sorted(self.handles)))
+    async def reconfigure(self, user_config: dict, rank=None) -> None:
+        """Live changes from `serve deploy` (`user_config`, `serve.router_config.RouterSettings`):
+        routing, quality checks, prices, the canary. Router replica 0 leads the canary."""
+        self.leader = rank is None or rank.rank == 0
+        self._configure(RouterSettings.model_validate(user_config or {}))
+        if self.canary is not None:
+            self.canary.leader = self.leader
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="router-ticker")
+
+    def _configure(self, settings: RouterSettings) -> None:
+        settings.check_variants(sorted(self.handles))
+        self.settings = settings
+        self.tokens.window_s = settings.cost.window_s
+        key = f"canary:{self._app_name()}"
+        if settings.canary is None:
+            if self.canary is not None and self.leader:
+                self.canary_store.delete(key)  # a manual deploy without a canary ends the rollout
+            self.canary = None
+        elif self.canary is None or self.canary.policy != settings.canary:
+            models = {v: spec["model"] for v, spec in self.variant_specs.items()}
+            self.canary = CanaryController(settings.canary, models, self.canary_store, key, self.leader, time.time())
+            log.info("canary %s: %s at %.0f%%", "resumed" if self.canary.resumed else "started",
+                     settings.canary.variant, 100 * self.canary.weight)
+        self._route()
+        self.quality.configure(settings.quality, settings.quality_rate(),
+                               settings.canary.variant if settings.canary else None)
+
+    def _route(self) -> None:
+        weights = self.canary.weights() if self.canary else self.settings.weights
+        weights = {**{v: 0.0 for v in self.handles}, **weights} if weights else {v: 1.0 for v in self.handles}
+        self.router = Router(RoutingConfig(weights, self.settings.sticky, self.settings.salt))
         log.info("routing: %s", self.router.config)
+
+    @staticmethod
+    def _app_name() -> str:
+        try:
+            return serve.get_replica_context().app_name
+        except Exception:  # outside a Serve replica (a test building the router directly)
+            return "default"
 
     def _openapi_schema(self) -> dict:
         if self._openapi is None:
@@ -259,12 +314,6 @@ class ABRouter:
                 variant = await self._failover(variant, forced)
         raise AssertionError("unreachable")
 
-    def _shadow(self, primary: str, payload: dict) -> None:
-        shadow = self.router.shadow_of(primary)
-        if shadow and shadow not in self.health.down:
-            self.metrics.shadow.inc(1, tags={"variant": shadow})
-            self.handles[shadow].generate.remote(payload)  # recorded by the shadow's own metrics
-
     # ---- endpoints -------------------------------------------------------------------
 
     @app.post("/v1/completions", response_model=CompletionResponse)
@@ -282,7 +331,7 @@ class ABRouter:
     async def _serve(self, body, request: Request):
         """Every generation endpoint: check, assign, run (with one failover), answer or stream;
         every outcome counted once for the variant that answered."""
-        variant, streaming = None, False
+        variant, streaming, started = None, False, time.monotonic()
         if self.in_flight >= self.max_concurrent_requests:  # refused here, in the error shape, with Retry-After
             self.metrics.outcome(None, "overloaded")
             return APIError(429, f"the router holds {self.in_flight} requests, its limit; retry shortly",
@@ -296,8 +345,8 @@ class ABRouter:
             if getattr(body, "stream", False):
                 variant, first, events = await asyncio.wait_for(
                     self._run(variant, payload, bool(forced), _first), self.request_timeout_s)
-                self._shadow(variant, payload)
-                end = {"outcome": "cancelled"}  # what the stream sets as it goes; cancelled if the client leaves
+                # what the stream sets as it goes (cancelled if the client leaves), and its output
+                end = {"outcome": "cancelled", "started": started, "payload": payload}
                 stream = self._sse(body, variant, first, events, end)
                 # counted and its slot released once: when the stream ends, or when it is dropped unstarted
                 end["finish"] = weakref.finalize(stream, self._stream_finished, variant, end)
@@ -305,23 +354,23 @@ class ABRouter:
                 return StreamingResponse(stream, media_type="text/event-stream", headers={VARIANT_HEADER: variant})
             variant, output, _ = await asyncio.wait_for(self._run(variant, payload, bool(forced), _last),
                                                         self.request_timeout_s)
-            self._shadow(variant, payload)
             answer = _generate_response(body, self.model_name, variant, output) \
                 if isinstance(body, GenerateRequest) else _openai_response(body, output)
-            self.metrics.outcome(variant, "ok")
+            self._count(variant, "ok", started, output)
+            self.quality.maybe_check(variant, payload, output)
             return JSONResponse(answer, headers={VARIANT_HEADER: variant})
         except APIError as err:
-            self.metrics.outcome(variant, outcome_of(err.status))
+            self._count(variant, outcome_of(err.status), started)
             return err.response(variant)
         except asyncio.TimeoutError:
-            self.metrics.outcome(variant, "timeout")
+            self._count(variant, "timeout", started)
             return APIError(504, f"variant {variant} did not answer in {self.request_timeout_s} s").response(variant)
         except asyncio.CancelledError:  # the client went away
-            self.metrics.outcome(variant, "cancelled")
+            self._count(variant, "cancelled", started)
             raise
         except Exception as err:  # a bug here: this request's 500, counted
             log.exception("router failed a request")
-            self.metrics.outcome(variant, "error")
+            self._count(variant, "error", started)
             return APIError(500, f"internal error: {type(err).__name__}").response(variant)
         finally:
             if not streaming:
@@ -332,11 +381,80 @@ class ABRouter:
 
     def _stream_finished(self, variant: str, end: dict) -> None:
         self._release_slot()
-        self.metrics.outcome(variant, end["outcome"])
+        self._count(variant, end["outcome"], end["started"], end.get("output"))
+
+    def _count(self, variant: str | None, status: str, started: float, output: dict | None = None) -> None:
+        """One user request's outcome: Prometheus, the canary's evidence and the cost's tokens."""
+        self.metrics.outcome(variant, status)
+        if variant is None:
+            return
+        if self.canary is not None:
+            self.canary.record_outcome(variant, status, time.monotonic() - started if status == "ok" else None)
+        if output is not None:
+            self.tokens.add(variant, output["usage"]["completion_tokens"], time.monotonic())
+
+    def _on_pair(self, result: PairResult) -> None:
+        tags = {"variant": result.candidate}
+        self.metrics.quality_pairs.inc(1, tags={**tags, "outcome": result.outcome})
+        if result.copied_to:
+            self.metrics.shadow.inc(1, tags={"variant": result.copied_to})
+        if result.agreement is not None:
+            self.metrics.quality_agreement.observe(result.agreement, tags=tags)
+        if result.gap is not None:
+            self.metrics.quality_gap.observe(result.gap, tags=tags)
+        if self.canary is not None and result.agreement is not None:
+            self.canary.record_pair(result.candidate, result.gap, result.agreement)
+
+    # ---- the periodic work: live cost and the canary ------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                self._tick()
+            except Exception:  # never let a bug here stop the loop (or touch a request)
+                log.exception("router tick failed")
+            await asyncio.sleep(self.settings.tick_s)
+
+    def _live_cost(self) -> dict[str, float]:
+        now, prices = time.monotonic(), self.settings.cost
+        costs = {}
+        for variant, spec in self.variant_specs.items():
+            hourly = replica_hour_price(spec["device"], prices.cpu_replica_hour, prices.gpu_replica_hour)
+            cost = cost_per_million(self.tokens.rate(variant, now), hourly * spec["num_replicas"])
+            if cost is not None and hourly > 0:
+                costs[variant] = cost
+        return costs
+
+    def _tick(self) -> None:
+        costs = self._live_cost()
+        for variant, cost in costs.items():  # a variant that served nothing has no cost per token: no sample
+            self.metrics.cost.set(cost, tags={"variant": variant})
+        if self.canary is None:
+            return
+        policy = self.canary.policy
+        ratio = costs[policy.variant] / costs[policy.baseline] \
+            if policy.variant in costs and policy.baseline in costs else None
+        weight = self.canary.weight
+        decision = self.canary.tick(time.time(), ratio)
+        if decision is not None:
+            log.warning("%s", decision.describe())
+            self.metrics.canary_decisions.inc(1, tags={"variant": policy.variant, "decision": decision.decision,
+                                                       "reason": decision.reason})
+        if decision is not None or self.canary.weight != weight:
+            self._route()
+        self.metrics.canary_weight.set(self.canary.weight, tags={"variant": policy.variant})
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self):
         return ModelList(data=[ModelCard(id=name) for name in self._model_names()])
+
+    @app.get("/rollout", response_model=RolloutStatus)
+    async def rollout(self):
+        """The live decision: weights, quality checks, the canary's state and recent decisions."""
+        quality = {"sample_rate": self.quality.rate, "reference": self.settings.quality.reference,
+                   "candidate": self.quality.candidate}
+        return RolloutStatus(weights=self.router.config.weights, quality=quality,
+                             canary=self.canary.status() if self.canary else None)
 
     @app.get("/healthz")
     async def healthz(self):
@@ -354,8 +472,8 @@ class ABRouter:
     async def _sse(self, body: CompletionRequest | ChatCompletionRequest, variant: str, first: dict, events,
                    end: dict):
         """OpenAI-style SSE: text chunks, a final chunk with finish_reason, usage if asked, [DONE].
-        Chat streams open with the assistant's role and carry `delta`s. Its outcome goes in
-        `end["outcome"]`, counted by `end["finish"]()` when it ends (`cancelled` if the client left)."""
+        Chat streams open with the assistant's role and carry `delta`s. Its outcome (and output)
+        go in `end`, counted by `end["finish"]()` when it ends (`cancelled` if the client left)."""
         chat = isinstance(body, ChatCompletionRequest)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind, created = "chat.completion.chunk" if chat else "text_completion", int(time.time())
@@ -379,7 +497,8 @@ class ABRouter:
                         yield chunk("", output["finish_reason"])
                         if body.include_usage:
                             yield chunk("", usage=_usage(output).model_dump(), choices=False)
-                        end["outcome"] = "ok"
+                        end["outcome"], end["output"] = "ok", output
+                        self.quality.maybe_check(variant, end["payload"], output)
                     elif event["type"] == "error":
                         end["outcome"] = outcome_of(event["status"])
                         yield _sse_error(event["message"], event["kind"])

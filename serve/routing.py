@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 class RoutingConfig:
     weights: dict[str, float]
     sticky: bool = True
-    shadow: bool = False  # also send a copy to another variant, record it, return only the primary
     salt: str = "sinkserve"  # change to reshuffle every user
 
     def __post_init__(self):
@@ -27,16 +26,6 @@ class RoutingConfig:
             raise ValueError(f"routing weights must be numbers >= 0, got {bad}")
         if sum(self.weights.values()) <= 0:
             raise ValueError("routing weights: at least one weight must be > 0")
-
-    @classmethod
-    def from_user_config(cls, user_config: dict, variants: list[str]) -> "RoutingConfig":
-        """Build from a Serve `user_config` dict; unknown variant names are an error."""
-        weights = dict(user_config.get("weights") or {v: 1.0 for v in variants})
-        unknown = sorted(set(weights) - set(variants))
-        if unknown:
-            raise ValueError(f"routing weights name unknown variants {unknown}; configured: {variants}")
-        return cls(weights=weights, sticky=bool(user_config.get("sticky", True)),
-                   shadow=bool(user_config.get("shadow", False)), salt=str(user_config.get("salt", "sinkserve")))
 
 
 def user_point(user: str, salt: str) -> float:
@@ -61,10 +50,6 @@ class Router:
         if not alive:
             return primary, False  # nothing is up: let the primary's error surface
         return self._variant_at(point, alive), True
-
-    def shadow_of(self, primary: str) -> str | None:
-        others = sorted(v for v in self.config.weights if v != primary)
-        return others[0] if self.config.shadow and others else None
 
     @staticmethod
     def _variant_at(point: float, weights: dict[str, float]) -> str:

@@ -215,6 +215,26 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CanaryStatus(BaseModel):
+    variant: str
+    baseline: str
+    status: str = Field(description="running, rolled_back or complete")
+    weight: float = Field(description="the candidate's share of traffic now")
+    steps: list[float]
+    step: int
+    step_started: float = Field(description="Unix time the current step began")
+    evidence: dict = Field(description="the current step's live numbers, gate by gate")
+    decisions: list[dict] = Field(description="recent decisions, newest last, with the numbers they read")
+
+
+class RolloutStatus(BaseModel):
+    """What the router decides now: its weights, its quality checks and its canary."""
+
+    weights: dict[str, float]
+    quality: dict = Field(description="sample_rate, reference and candidate of the paired quality checks")
+    canary: CanaryStatus | None = None
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

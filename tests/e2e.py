@@ -32,6 +32,20 @@ def make_dense_and_pruned(root: Path) -> tuple[str, str]:
     return "embedded", str(pruned)
 
 
+def make_collapsed(root: Path) -> str:
+    """A deliberately bad 2:4 artifact: magnitude 2:4 on top of 75% unstructured, whose answers
+    the dense model finds far less likely (a paired NLL gap near 1.6 nats/token against 0.1 for
+    plain magnitude 2:4, measured on the embedded model)."""
+    from sinkprune.artifact import write_artifact
+    from sinkprune.dlm.loading import load_model
+    from sinkprune.prune import PruneSettings, prune_model
+
+    model, tokenizer = load_model("embedded")
+    prune_model(model, PruneSettings("magnitude", "unstructured:0.75"))
+    prune_model(model, PruneSettings("magnitude", "2:4"))
+    return str(write_artifact(model, root / "collapsed", tokenizer, {"method": "magnitude", "pattern": "2:4"}))
+
+
 @contextmanager
 def prometheus(scrape_url: str, workdir: Path, interval_s: float = 2.0):
     """A real Prometheus (the Debian package) on 127.0.0.1 scraping `scrape_url`; yields a query function.

@@ -41,6 +41,9 @@ def dirs(tmp_path_factory):
     (root / "run" / "notes.txt").write_text("not a training run")
     (root / "finished" / "final").mkdir(parents=True)
     (root / "finished" / "final" / "config.json").write_text("{}")
+    (root / "router-typo.yaml").write_text("canary:\n  variant: pruned\n  gates: {max_qualty_gap: 0.5}\n")
+    (root / "router-both.yaml").write_text("weights: {dense: 1}\ncanary: {variant: pruned}\n")
+    (root / "router-key.yaml").write_text("canery: {}\n")
     return root
 
 
@@ -132,6 +135,11 @@ CASES = [
     ("serve.local", ["--pruned", "{d}/missing"], "missing' does not exist"),
     ("serve.local", ["--max-tokens", "0"], "--max-tokens: Input should be greater than or equal to 1"),
     ("serve.local", ["--max-body-bytes", "10"], "--max-body-bytes: Input should be greater than or equal to 1024"),
+    ("serve.local", ["--router-config", "{d}/router-typo.yaml"],
+     "--router-config canary.gates.max_qualty_gap: Extra inputs are not permitted"),
+    ("serve.local", ["--router-config", "{d}/router-both.yaml"], "the canary sets the weights"),
+    ("serve.local", ["--router-config", "{d}/router-key.yaml"], "unknown keys ['canery']"),
+    ("serve.local", ["--router-config", "{d}/missing.yaml"], "missing.yaml' does not exist"),
     ("render", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("render", ["--check", "missing"], "no-such-serve.yaml"),
 ]

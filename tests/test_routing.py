@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from serve.router_config import RouterSettings
 from serve.routing import Router, RoutingConfig
 
 
@@ -43,14 +44,20 @@ def test_changing_the_salt_reshuffles_users():
 
 def test_bad_weights_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="unknown variants"):
-        RoutingConfig.from_user_config({"weights": {"dense": 1, "sparse": 1}}, ["dense", "pruned"])
+        RouterSettings.model_validate({"weights": {"dense": 1, "sparse": 1}}).check_variants(["dense", "pruned"])
     with pytest.raises(ValueError, match=">= 0"):
         RoutingConfig({"dense": -1.0})
     with pytest.raises(ValueError, match="must be > 0"):
         RoutingConfig({"dense": 0.0, "pruned": 0.0})
 
 
-def test_shadow_names_the_other_variant():
-    router = Router(RoutingConfig({"dense": 1, "pruned": 1}, shadow=True))
-    assert router.shadow_of("dense") == "pruned" and router.shadow_of("pruned") == "dense"
-    assert Router(RoutingConfig({"dense": 1, "pruned": 1})).shadow_of("dense") is None
+def test_router_settings_refuse_typos_and_contradictions():
+    with pytest.raises(ValueError, match="sample_rte"):
+        RouterSettings.model_validate({"quality": {"sample_rte": 0.5}})
+    with pytest.raises(ValueError, match="canary sets the weights"):
+        RouterSettings.model_validate({"weights": {"dense": 1}, "canary": {}})
+    with pytest.raises(ValueError, match="rise strictly"):
+        RouterSettings.model_validate({"canary": {"steps": [0.5, 0.25]}})
+    with pytest.raises(ValueError, match="unknown variants"):
+        RouterSettings.model_validate({"canary": {"variant": "sparse"}}).check_variants(["dense", "pruned"])
+    assert RouterSettings.model_validate({"shadow": True}).quality_rate() == 1.0

@@ -162,7 +162,7 @@ def test_unknown_variant_header_is_a_400(app):
     assert status == 400 and "unknown variant" in text
 
 
-def replica_pids(deployment: str) -> list[int]:
+def replica_pids(deployment: str, app_name: str = "sinkserve") -> list[int]:
     """PIDs of a deployment's replica processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
     pids = []
     for proc in Path("/proc").iterdir():
@@ -170,6 +170,6 @@ def replica_pids(deployment: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if proc.name.isdigit() and f"ServeReplica:sinkserve:{deployment}" in cmdline:
+        if proc.name.isdigit() and f"ServeReplica:{app_name}:{deployment}" in cmdline:
             pids.append(int(proc.name))
     return pids
