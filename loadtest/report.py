@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from loadtest.online import increase, markdown_lines, online_sections, parse_exposition
+from serve.cost import cost_per_million
 from sinkprune.cli_args import Parser, error_line, existing_file
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 
@@ -34,10 +35,6 @@ def server_counts(exposition: str) -> dict[str, dict[str, float]]:
 
 def count_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return {v: {s: n - before.get(v, {}).get(s, 0.0) for s, n in statuses.items()} for v, statuses in after.items()}
-
-
-def cost_per_million(tokens_per_s: float, price_per_hour: float) -> float | None:
-    return price_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else None
 
 
 def build_report(phases: list[dict], manifest: dict | None, server: dict | None, price_per_hour: float,
