@@ -56,6 +56,13 @@ def test_the_models_own_answer_is_more_likely_than_noise():
     assert theirs - mine > 0.2  # the gap the quality gate reads (a random model is near uniform: 0.28 here)
 
 
+def test_any_request_seed_can_score_even_53_bit_ones():
+    """Served requests without a seed get a random 53-bit one, which the check reuses for its masks."""
+    engine = DLMEngine(random_model("llada", dtype=torch.float32), None, EngineConfig())
+    _, (a, b) = own_answer_and_scores(engine, [None], seed=2**53 - 1)
+    assert a == b
+
+
 def test_an_answer_that_cannot_be_scored_is_refused_by_name():
     engine = DLMEngine(random_model("llada", dtype=torch.float32), None, EngineConfig())
     with pytest.raises(RequestError, match="answers"):

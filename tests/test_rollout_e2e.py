@@ -77,7 +77,8 @@ class Traffic:
             with self.lock:
                 i, self.sent = self.sent, self.sent + 1
             status, variant, text = post(self.url, {"model": "sinkserve", "prompt": PROMPTS[i % len(PROMPTS)],
-                                                    "max_tokens": 16, "steps": 16, "seed": i, "user": f"rollout-{i}"})
+                                                    "max_tokens": 16, "steps": 16, "user": f"rollout-{i}",
+                                                    **({"seed": i} if i % 2 else {})})  # unseeded: 53-bit
             with self.lock:
                 self.results.append((status, variant))
                 if status != 200:

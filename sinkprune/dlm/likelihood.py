@@ -99,7 +99,7 @@ def estimate_nll(
     scored = length - scored_from
     totals = torch.zeros(num_seq, dtype=torch.float64)
     for i in tqdm(range(num_seq), desc="likelihood", disable=not progress, unit="seq"):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)  # any seed, even 53-bit ones
         masks = sample_masks(length, samples, generator, scored_from)
         ratios = masks.sum(-1).double() / scored
         target = sequences[i].to(device)
