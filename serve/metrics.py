@@ -97,6 +97,13 @@ class RouterMetrics:
         self.quality_gap = Histogram(PREFIX + "quality_nll_gap_nats", "Reference model's NLL of the candidate's answer "
                                      "minus its NLL of its own answer (nats per token, paired)",
                                      boundaries=GAP_BUCKETS, tag_keys=("variant",))
+        # Ray builds a histogram's _sum from bucket midpoints: these give the exact means
+        self.quality_gap_exact = Counter(PREFIX + "quality_nll_gap_exact_sum_nats", "Sum of |quality gap| over scored "
+                                         "pairs by the gap's sign; (positive - negative) / the gap histogram's "
+                                         "_count is the exact mean", tag_keys=("variant", "sign"))
+        self.quality_agreement_exact = Counter(PREFIX + "quality_token_agreement_exact_sum", "Sum of token "
+                                               "agreements; over the agreement histogram's _count, the exact mean",
+                                               tag_keys=("variant",))
         self.quality_agreement = Histogram(PREFIX + "quality_token_agreement", "Share of positions where the "
                                            "candidate's answer holds the reference's token",
                                            boundaries=AGREEMENT_BUCKETS, tag_keys=("variant",))
@@ -106,6 +113,20 @@ class RouterMetrics:
                                         "and the gate that decided", tag_keys=("variant", "decision", "reason"))
         self.canary_weight = Gauge(PREFIX + "canary_weight", "Share of traffic the canary gives its candidate",
                                    tag_keys=("variant",))
+
+    def quality_pair(self, variant: str, outcome: str, gap: float | None, agreement: float | None) -> None:
+        """One quality check's outcome, and its gap and agreement when measured (exact sums beside
+        the histograms; Ray refuses zero increments, and a zero adds nothing to a sum)."""
+        tags = {"variant": variant}
+        self.quality_pairs.inc(1, tags={**tags, "outcome": outcome})
+        if agreement is not None:
+            self.quality_agreement.observe(agreement, tags=tags)
+            if agreement > 0:
+                self.quality_agreement_exact.inc(agreement, tags=tags)
+        if gap is not None:
+            self.quality_gap.observe(gap, tags=tags)
+            if gap != 0:
+                self.quality_gap_exact.inc(abs(gap), tags={**tags, "sign": "positive" if gap > 0 else "negative"})
 
     def outcome(self, variant: str | None, status: str) -> None:
         assert status in OUTCOMES, status

@@ -394,14 +394,9 @@ class ABRouter:
             self.tokens.add(variant, output["usage"]["completion_tokens"], time.monotonic())
 
     def _on_pair(self, result: PairResult) -> None:
-        tags = {"variant": result.candidate}
-        self.metrics.quality_pairs.inc(1, tags={**tags, "outcome": result.outcome})
+        self.metrics.quality_pair(result.candidate, result.outcome, result.gap, result.agreement)
         if result.copied_to:
             self.metrics.shadow.inc(1, tags={"variant": result.copied_to})
-        if result.agreement is not None:
-            self.metrics.quality_agreement.observe(result.agreement, tags=tags)
-        if result.gap is not None:
-            self.metrics.quality_gap.observe(result.gap, tags=tags)
         if self.canary is not None and result.agreement is not None:
             self.canary.record_pair(result.candidate, result.gap, result.agreement)
 
