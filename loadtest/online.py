@@ -6,6 +6,11 @@ Counters and histograms count what happened between the two scrapes; gauges are 
 from the second. Ray adds labels (application, deployment, replica, WorkerId, ...) that
 split one series into several: counters are summed over them, gauges averaged (two
 router replicas that both say weight 0.25 mean 0.25, not 0.5).
+
+The mean quality gap and agreement come from the router's exact sums (counters) over the
+histograms' _count: Ray builds a histogram's _sum from bucket midpoints, with positive bounds
+only, so _sum / _count counts every negative gap as +0.005. A server older than those counters
+(neither in either scrape) gets _sum / _count, marked approximate.
 """
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ PREFIX = "ray_sinkserve_"
 PAIRS = PREFIX + "quality_pairs_total"
 NLL_GAP = PREFIX + "quality_nll_gap_nats"
 AGREEMENT = PREFIX + "quality_token_agreement"
+# Exact sums beside the histograms: |gap| by the gap's sign ("positive", "negative"), and the agreements.
+# A series exists once something was added to it (a zero gap or agreement adds nothing).
+NLL_GAP_EXACT = PREFIX + "quality_nll_gap_exact_sum_nats_total"
+AGREEMENT_EXACT = PREFIX + "quality_token_agreement_exact_sum_total"
+SIGNS = {"positive": 1.0, "negative": -1.0}
 DECISIONS = PREFIX + "canary_decisions_total"
 WEIGHT = PREFIX + "canary_weight"
 COST = PREFIX + "cost_per_million_output_tokens"
@@ -62,21 +72,40 @@ def gauge(after: Series, name: str, by: tuple[str, ...]) -> dict[tuple, float] |
     return {key: statistics.fmean(v) for key, v in values.items()} or None
 
 
-def _histogram_means(before: Series, after: Series, name: str) -> dict[str, dict] | None:
-    """`{variant: {"mean", "count"}}`: the mean of the observations made between the scrapes."""
-    sums = increase(before, after, name + "_sum", ("variant",))
+def _exported(before: Series, after: Series, names: tuple[str, ...]) -> bool:
+    return any(sample in names for series in (before, after) for sample, _ in series)
+
+
+def _exact_sums(before: Series, after: Series) -> tuple[dict, dict]:
+    """The growth of the exact sums per variant: the NLL gap's (positive minus negative) and the agreement's."""
+    gap: dict[tuple, float] = {}
+    for (variant, sign), grown in (increase(before, after, NLL_GAP_EXACT, ("variant", "sign")) or {}).items():
+        gap[(variant,)] = gap.get((variant,), 0.0) + SIGNS.get(sign, 0.0) * grown
+    return gap, increase(before, after, AGREEMENT_EXACT, ("variant",)) or {}
+
+
+def _histogram_means(before: Series, after: Series, name: str, exact: dict | None) -> dict[str, dict] | None:
+    """`{variant: {"mean", "count", "exact"}}`: the mean of the observations made between the scrapes,
+    `exact` sums over the histogram's _count (a variant missing from them added nothing), or without
+    them (None) the histogram's own _sum, which Ray builds from bucket midpoints."""
     counts = increase(before, after, name + "_count", ("variant",))
+    sums = exact if exact is not None else increase(before, after, name + "_sum", ("variant",))
     if sums is None or counts is None:
         return None
-    return {variant: {"mean": sums.get((variant,), 0.0) / n if n > 0 else None, "count": n}
-            for (variant,), n in counts.items()}
+    return {variant: {"mean": sums.get((variant,), 0.0) / n if n > 0 else None, "count": n,
+                      "exact": exact is not None} for (variant,), n in counts.items()}
 
 
 def online_quality(before: Series, after: Series) -> dict | None:
-    """Per candidate variant: pairs by outcome, the NLL gap (nats/token) and the token agreement."""
+    """Per candidate variant: pairs by outcome, the NLL gap (nats/token) and the token agreement.
+    A server that exports either exact sum exports both, so one absent from both scrapes while the
+    other is there added nothing (every gap 0, or every agreement 0); both absent: an older server."""
     pairs = increase(before, after, PAIRS, ("variant", "outcome")) or {}
-    gap = _histogram_means(before, after, NLL_GAP) or {}
-    agreement = _histogram_means(before, after, AGREEMENT) or {}
+    exact_gap, exact_agreement = _exact_sums(before, after)
+    if not _exported(before, after, (NLL_GAP_EXACT, AGREEMENT_EXACT)):
+        exact_gap = exact_agreement = None
+    gap = _histogram_means(before, after, NLL_GAP, exact_gap) or {}
+    agreement = _histogram_means(before, after, AGREEMENT, exact_agreement) or {}
     variants = sorted({v for v, _ in pairs} | set(gap) | set(agreement))
     if not variants:
         return None
@@ -118,7 +147,8 @@ def markdown_lines(report: dict) -> list[str]:
         for key, template, fmt in QUALITY_TEXT:
             if q[key] is not None:
                 mean = "n/a" if q[key]["mean"] is None else format(q[key]["mean"], fmt)
-                parts.append(f"{template.format(mean)} over {q[key]['count']:.0f}")
+                approximate = "" if q[key].get("exact") else ", approximate (bucket midpoints)"
+                parts.append(f"{template.format(mean)} over {q[key]['count']:.0f}{approximate}")
         lines.append(f"- Online quality of {variant} (during the run): {'; '.join(parts)}")
     if report.get("canary") is not None:
         decisions = ", ".join(f"{d['variant']} {d['decision']} ({d['reason']}) x{d['count']:.0f}"

@@ -52,6 +52,8 @@ EXPORTED = {
     "ray_sinkserve_quality_pairs_total": "counter",
     "ray_sinkserve_quality_nll_gap_nats": "histogram",
     "ray_sinkserve_quality_token_agreement": "histogram",
+    "ray_sinkserve_quality_nll_gap_exact_sum_nats_total": "counter",
+    "ray_sinkserve_quality_token_agreement_exact_sum_total": "counter",
     "ray_sinkserve_cost_per_million_output_tokens": "gauge",
     "ray_sinkserve_canary_decisions_total": "counter",
     "ray_sinkserve_canary_weight": "gauge",
@@ -417,6 +419,32 @@ def test_alerts_on_a_counters_increase_also_count_a_new_series():
                 f"{rule['alert']}: a counter new to Prometheus (not to its router) is no event"
             checked += 1
     assert checked >= 2
+
+
+QUALITY_MEANS = {"variant:sinkserve_quality_nll_gap:mean_rate5m": "Quality gap (paired NLL, nats/token)",
+                 "variant:sinkserve_quality_token_agreement:mean_rate5m": "Token agreement"}
+
+
+def test_quality_means_come_from_the_exact_counters_never_a_histograms_sum():
+    """Ray builds a histogram's _sum from bucket midpoints (and a negative gap falls in the first,
+    positive, bucket): the means of the quality gap and agreement divide the router's exact sums by
+    the histograms' _count, in the rules and on the dashboard alike (rules_test.yml checks the values)."""
+    biased = {"ray_sinkserve_quality_nll_gap_nats_sum", "ray_sinkserve_quality_token_agreement_sum"}
+    for where, names in used_metric_names().items():
+        assert not names & biased, f"{where} reads {sorted(names & biased)}: bucket midpoints, not the exact sums"
+    records = recording_rules()
+    exact = {"variant:sinkserve_quality_nll_gap:mean_rate5m": "ray_sinkserve_quality_nll_gap_exact_sum_nats_total",
+             "variant:sinkserve_quality_token_agreement:mean_rate5m":
+                 "ray_sinkserve_quality_token_agreement_exact_sum_total"}
+    panels = {panel["title"]: panel for panel in dashboard_panels()}
+    for record, title in QUALITY_MEANS.items():
+        assert exact[record] in metric_names(records[record]), record
+        [mean] = [t["expr"] for t in panels[title]["targets"] if t["legendFormat"].endswith(" mean")]
+        # the panel draws what the alert reads (the dashboard must not depend on recorded series)
+        assert re.sub(r"\s+", "", mean) == re.sub(r"\s+", "", records[record]), f"{title}: mean is not {record}"
+    gap = records["variant:sinkserve_quality_nll_gap:mean_rate5m"]
+    for sign in ("positive", "negative"):  # each sign's series may be missing: counted as 0
+        assert re.search(rf'sign="{sign}"\}}\[5m\]\)\)\s+or 0 \* ', gap), sign
 
 
 # ---- Grafana ----------------------------------------------------------------------------

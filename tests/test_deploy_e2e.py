@@ -37,6 +37,8 @@ EVENT_ONLY = {"ray_sinkserve_ab_fallbacks_total", "ray_sinkserve_ab_shadow_reque
               "ray_sinkserve_quality_nll_gap_nats_count",
               "ray_sinkserve_quality_token_agreement_bucket", "ray_sinkserve_quality_token_agreement_sum",
               "ray_sinkserve_quality_token_agreement_count",
+              "ray_sinkserve_quality_nll_gap_exact_sum_nats_total",
+              "ray_sinkserve_quality_token_agreement_exact_sum_total",
               "ray_sinkserve_canary_decisions_total", "ray_sinkserve_canary_weight",
               "ray_sinkserve_cost_per_million_output_tokens"}
 

@@ -312,6 +312,15 @@ ray_sinkserve_quality_token_agreement_count{R1,variant="pruned"} 10.0
 ray_sinkserve_quality_token_agreement_bucket{R2,le="+Inf",variant="pruned"} 4.0
 ray_sinkserve_quality_token_agreement_sum{R2,variant="pruned"} 3.6
 ray_sinkserve_quality_token_agreement_count{R2,variant="pruned"} 4.0
+# HELP ray_sinkserve_quality_nll_gap_exact_sum_nats_total Sum of |quality gap| over scored pairs by the gap's sign
+# TYPE ray_sinkserve_quality_nll_gap_exact_sum_nats_total counter
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R1,sign="positive",variant="pruned"} 2.5
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R1,sign="negative",variant="pruned"} 0.4
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R2,sign="positive",variant="pruned"} 1.2
+# HELP ray_sinkserve_quality_token_agreement_exact_sum_total Sum of token agreements
+# TYPE ray_sinkserve_quality_token_agreement_exact_sum_total counter
+ray_sinkserve_quality_token_agreement_exact_sum_total{R1,variant="pruned"} 9.1
+ray_sinkserve_quality_token_agreement_exact_sum_total{R2,variant="pruned"} 3.5
 # HELP ray_sinkserve_canary_decisions_total Canary decisions
 # TYPE ray_sinkserve_canary_decisions_total counter
 ray_sinkserve_canary_decisions_total{R1,decision="promote",reason="gates_held",variant="pruned"} 1.0
@@ -322,7 +331,10 @@ ray_sinkserve_canary_weight{R1,variant="pruned"} 0.1
 ray_sinkserve_canary_weight{R2,variant="pruned"} 0.1
 """)
 
-# between the scrapes: R1 scored 10 more, R2 6 more (nll gap sums +2.0 and +1.6, agreement +9.0 and +5.4),
+# between the scrapes: R1 scored 10 more, R2 6 more. Their gaps: R1 +0.8 positive and 1.0 negative, R2 +0.3
+# positive and 0.5 negative (its first negative gap: a new series), so the exact mean is
+# (0.8 - 1.0 + 0.3 - 0.5) / 16 = -0.025; Ray's histogram _sum (bucket midpoints, a negative gap as +0.005)
+# grew +2.0 and +1.6: 0.225. Agreements: exact +8.8 and +4.8, 0.85; _sum +9.0 and +5.4, 0.9.
 # R2 failed one (a new series), R1 dropped 2 when busy; one promotion on R1, one rollback on R2 (new series)
 AFTER = _ray("""# HELP ray_sinkserve_requests_total Requests finished
 # TYPE ray_sinkserve_requests_total counter
@@ -352,6 +364,16 @@ ray_sinkserve_quality_token_agreement_count{R1,variant="pruned"} 20.0
 ray_sinkserve_quality_token_agreement_bucket{R2,le="+Inf",variant="pruned"} 10.0
 ray_sinkserve_quality_token_agreement_sum{R2,variant="pruned"} 9.0
 ray_sinkserve_quality_token_agreement_count{R2,variant="pruned"} 10.0
+# HELP ray_sinkserve_quality_nll_gap_exact_sum_nats_total Sum of |quality gap| over scored pairs by the gap's sign
+# TYPE ray_sinkserve_quality_nll_gap_exact_sum_nats_total counter
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R1,sign="positive",variant="pruned"} 3.3
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R1,sign="negative",variant="pruned"} 1.4
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R2,sign="positive",variant="pruned"} 1.5
+ray_sinkserve_quality_nll_gap_exact_sum_nats_total{R2,sign="negative",variant="pruned"} 0.5
+# HELP ray_sinkserve_quality_token_agreement_exact_sum_total Sum of token agreements
+# TYPE ray_sinkserve_quality_token_agreement_exact_sum_total counter
+ray_sinkserve_quality_token_agreement_exact_sum_total{R1,variant="pruned"} 17.9
+ray_sinkserve_quality_token_agreement_exact_sum_total{R2,variant="pruned"} 8.3
 # HELP ray_sinkserve_canary_decisions_total Canary decisions
 # TYPE ray_sinkserve_canary_decisions_total counter
 ray_sinkserve_canary_decisions_total{R1,decision="promote",reason="gates_held",variant="pruned"} 2.0
@@ -389,8 +411,11 @@ def test_report_reads_online_quality_and_canary_decisions_between_scrapes(tmp_pa
     quality = report["online_quality"]["pruned"]
     assert quality["pairs"] == {"dropped_busy": 2.0, "failed": 1.0, "scored": 16.0}  # +10 on r1, +6 on r2
     assert quality["nll_gap_nats"]["count"] == 16.0
-    assert quality["nll_gap_nats"]["mean"] == pytest.approx((2.0 + 1.6) / 16)  # delta(_sum) / delta(_count)
-    assert quality["token_agreement"]["mean"] == pytest.approx((9.0 + 5.4) / 16)
+    # the exact sums' growth over delta(_count), not delta(_sum) / delta(_count) = 0.225 and 0.9
+    assert quality["nll_gap_nats"] == {"mean": pytest.approx((0.8 - 1.0 + 0.3 - 0.5) / 16), "count": 16.0,
+                                       "exact": True}
+    assert quality["token_agreement"] == {"mean": pytest.approx((8.8 + 4.8) / 16), "count": 16.0, "exact": True}
+    assert quality["nll_gap_nats"]["mean"] != pytest.approx((2.0 + 1.6) / 16)
     assert report["online_quality"]["pruned24"] == {"pairs": {"scored": 3.0}, "nll_gap_nats": None,
                                                     "token_agreement": None}  # a second candidate, not scored yet
     assert report["canary"]["decisions"] == [
@@ -402,10 +427,38 @@ def test_report_reads_online_quality_and_canary_decisions_between_scrapes(tmp_pa
     table = (tmp_path / "report" / "report.md").read_text()
     assert "16 pairs scored (2 dropped busy, 1 failed)" in table
     assert "Online quality of pruned24 (during the run): 3 pairs scored (0 dropped busy, 0 failed)\n" in table
-    assert "NLL gap vs dense +0.225 nats/token over 16" in table and "token agreement 0.900 over 16" in table
+    assert "NLL gap vs dense -0.025 nats/token over 16; token agreement 0.850 over 16\n" in table
+    assert "approximate" not in table
     assert "pruned promote (gates_held) x1, pruned rollback (quality_gap) x1" in table
     assert "Canary weight after the run: pruned 0.25" in table and "dense 12.000, pruned 8.000" in table
     assert "| pruned | 4 |" in table and "- / - / -" in table  # the run wrote no e2el percentiles
+
+
+def _without(text: str, word: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if word not in line)
+
+
+def test_report_from_a_server_without_the_exact_sums_says_its_means_are_approximate(tmp_path):
+    before, after = _without(BEFORE, "_exact_sum_"), _without(AFTER, "_exact_sum_")  # an older server
+    assert report_main(_report_inputs(tmp_path, before, after)) == 0
+    quality = json.loads((tmp_path / "report" / "report.json").read_text())["online_quality"]["pruned"]
+    assert quality["nll_gap_nats"] == {"mean": pytest.approx((2.0 + 1.6) / 16), "count": 16.0, "exact": False}
+    assert quality["token_agreement"] == {"mean": pytest.approx((9.0 + 5.4) / 16), "count": 16.0, "exact": False}
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert ("NLL gap vs dense +0.225 nats/token over 16, approximate (bucket midpoints); "
+            "token agreement 0.900 over 16, approximate (bucket midpoints)\n") in table
+
+
+def test_report_counts_an_exact_sum_with_no_series_as_zero_when_the_server_exports_the_other(tmp_path):
+    """A series appears at its first addition: a server with the exact sums whose gaps were all 0 has
+    no gap series, only the agreement's. Its mean gap is 0, not the histogram's midpoints (+0.225)."""
+    before, after = _without(BEFORE, "nll_gap_exact_sum_"), _without(AFTER, "nll_gap_exact_sum_")
+    assert report_main(_report_inputs(tmp_path, before, after)) == 0
+    quality = json.loads((tmp_path / "report" / "report.json").read_text())["online_quality"]["pruned"]
+    assert quality["nll_gap_nats"] == {"mean": 0.0, "count": 16.0, "exact": True}
+    assert quality["token_agreement"]["mean"] == pytest.approx((8.8 + 4.8) / 16)
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "NLL gap vs dense +0.000 nats/token over 16; token agreement 0.850 over 16\n" in table
 
 
 def test_report_without_online_metrics_has_null_keys_and_no_lines(tmp_path):
