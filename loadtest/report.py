@@ -84,7 +84,7 @@ def _ms(value: float | None) -> str:
 def markdown(report: dict) -> str:
     lines = ["| variant | concurrency | req/s | output tok/s | p50 / p90 / p99 latency (ms) | p50 first block (ms) | "
              f"cost per 1M output tokens ({report['price_unit']} at {report['price_per_hour']}/h) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- |"] if report["capacity"] else []
     for variant, points in sorted(report["capacity"].items()):
         for p in points:
             cost = p["cost_per_million_output_tokens"]
@@ -196,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     with staged_output(args.out_dir, args.overwrite) as out:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "report.md").write_text(table)
-        plot(report, out / "latency_vs_throughput.png")
+        written = ["report.md", "report.json"]
+        if report["capacity"]:  # forced runs give the curves; a routed run alone has none to draw
+            plot(report, out / "latency_vs_throughput.png")
+            written.append("latency_vs_throughput.png")
     print(table)
-    print(f"wrote report.md, report.json and latency_vs_throughput.png to {args.out_dir}")
+    print(f"wrote {', '.join(written)} to {args.out_dir}")
     return 0
 
 
