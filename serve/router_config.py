@@ -79,6 +79,9 @@ class RouterSettings(_Strict):
     def _check(self) -> "RouterSettings":
         if self.canary is not None and self.weights is not None:
             raise ValueError("weights and canary are both set: the canary sets the weights (remove one)")
+        if self.canary is not None and self.canary.variant == self.quality.reference:
+            raise ValueError(f"canary.variant {self.canary.variant!r} is the quality reference: the reference "
+                             "scores the candidate, so they must differ")
         return self
 
     def check_variants(self, variants: list[str]) -> None:

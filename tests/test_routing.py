@@ -60,4 +60,6 @@ def test_router_settings_refuse_typos_and_contradictions():
         RouterSettings.model_validate({"canary": {"steps": [0.5, 0.25]}})
     with pytest.raises(ValueError, match="unknown variants"):
         RouterSettings.model_validate({"canary": {"variant": "sparse"}}).check_variants(["dense", "pruned"])
+    with pytest.raises(ValueError, match="quality reference"):
+        RouterSettings.model_validate({"canary": {"variant": "dense", "baseline": "pruned"}})
     assert RouterSettings.model_validate({"shadow": True}).quality_rate() == 1.0
