@@ -13,8 +13,10 @@ PREFIX = "sinkserve_"
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-# Ray accepts only positive bucket bounds: a gap at or below 0.01 (the candidate's answer as likely
-# as the reference's, or likelier) lands in the first bucket; the mean (_sum / _count) stays exact.
+# Ray accepts only positive bucket bounds and silently drops an observation at or below zero, so
+# a gap or agreement is observed at least at half the first bound: it lands in the first bucket
+# ("at most 0.01": the candidate's answer as likely as the reference's, or likelier) and _count
+# stays the number of checks. Means come from the exact sums below, not from _sum.
 GAP_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8]
 AGREEMENT_BUCKETS = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
 
@@ -120,11 +122,11 @@ class RouterMetrics:
         tags = {"variant": variant}
         self.quality_pairs.inc(1, tags={**tags, "outcome": outcome})
         if agreement is not None:
-            self.quality_agreement.observe(agreement, tags=tags)
+            self.quality_agreement.observe(max(agreement, AGREEMENT_BUCKETS[0] / 2), tags=tags)
             if agreement > 0:
                 self.quality_agreement_exact.inc(agreement, tags=tags)
         if gap is not None:
-            self.quality_gap.observe(gap, tags=tags)
+            self.quality_gap.observe(max(gap, GAP_BUCKETS[0] / 2), tags=tags)
             if gap != 0:
                 self.quality_gap_exact.inc(abs(gap), tags={**tags, "sign": "positive" if gap > 0 else "negative"})
 

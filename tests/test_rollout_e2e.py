@@ -152,6 +152,11 @@ def test_a_good_artifact_is_promoted_and_a_restarted_router_resumes(rollout):
     pairs = query(f'sum by (outcome) (ray_sinkserve_quality_pairs_total{{application="{APP}", variant="pruned"}})')
     assert sum(pairs.values()) >= 12, pairs
     assert abs(mean_gap(query, "pruned")) < 0.8
+    # every scored check is in the gap histogram, negative gaps included (Ray drops values <= 0)
+    where = f'application="{APP}", variant="pruned"'
+    scored, counted = settled(lambda: (query(f'sum(ray_sinkserve_quality_pairs_total{{{where}, outcome="scored"}})'),
+                                       query(f'sum(ray_sinkserve_quality_nll_gap_nats_count{{{where}}})')))
+    assert list(scored.values()) == list(counted.values()), (scored, counted)
     assert gauge(query, "cost_per_million_output_tokens", "pruned") > 0
     # the router's outcome counts equal the client's, per variant (quality-check copies are not in them)
     client = Counter(variant for status, variant in traffic.results if status == 200)
