@@ -53,7 +53,27 @@ class Gate:
     name: str
     value: float | None
     limit: float
-    passed: bool | None  # None: not enough data yet
+    passed: bool | None  # None: not enough data yet, or the value too close to the limit to tell
+    stderr: float | None = None  # of `value`, when it is a mean of samples
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), spread / len(values) ** 0.5
+
+
+def verdict(value: float, stderr: float | None, limit: float, upper_limit: bool, z: float) -> bool | None:
+    """Pass when the value clears the limit by z standard errors, fail when it misses it by as
+    much, else None (keep measuring). A value without a standard error is taken as it is."""
+    margin = z * (stderr or 0.0)
+    worst, best = (value + margin, value - margin) if upper_limit else (value - margin, value + margin)
+    if (worst <= limit) if upper_limit else (worst >= limit):
+        return True
+    if (best > limit) if upper_limit else (best < limit):
+        return False
+    return None
 
 
 @dataclass(frozen=True)
@@ -69,33 +89,36 @@ class Decision:
         return asdict(self)
 
     def describe(self) -> str:
-        numbers = ", ".join(f"{g.name}={g.value:.4g} (limit {g.limit:g})" for g in self.gates if g.value is not None)
+        numbers = ", ".join(f"{g.name}={g.value:.4g}{'' if g.stderr is None else f' ± {g.stderr:.2g}'} "
+                            f"(limit {g.limit:g})" for g in self.gates if g.value is not None)
         return (f"canary {self.decision} ({self.reason}): {self.weight_before:.0%} -> {self.weight_after:.0%}; "
                 f"{numbers or 'no gate measured'}")
 
 
 def judge(policy: CanaryPolicy, window: StepWindow, baseline_p99: float | None,
           cost_ratio: float | None) -> list[Gate]:
-    """Every gate that is on, with its live value and verdict."""
+    """Every gate that is on, with its live value, the value's standard error when it is a
+    mean, and its verdict once the gate has its minimum of data."""
     gates = policy.gates
     enough = window.requests >= policy.min_requests
     pairs = len(window.gaps) >= policy.min_pairs
+    rate = window.failed / window.requests if window.requests else None
+    rate_stderr = (rate * (1 - rate) / window.requests) ** 0.5 if window.requests else None
     candidate_p99 = p99(window.latencies)
     ratio = candidate_p99 / baseline_p99 if candidate_p99 is not None and baseline_p99 else None
-    measured = [
-        ("error_rate", gates.max_error_rate, window.failed / window.requests if window.requests else None, enough, 1),
-        ("p99_latency", gates.max_p99_latency_ratio, ratio, len(window.latencies) >= policy.min_requests, 1),
-        ("quality_gap", gates.max_quality_gap, statistics.fmean(window.gaps) if window.gaps else None, pairs, 1),
-        ("agreement", gates.min_agreement, statistics.fmean(window.agreements) if window.agreements else None,
-         pairs, -1),
-        ("cost", gates.max_cost_ratio, cost_ratio, enough, 1),
+    measured = [  # name, limit, value, its standard error, enough data, the limit is an upper one
+        ("error_rate", gates.max_error_rate, rate, rate_stderr, enough, True),
+        ("p99_latency", gates.max_p99_latency_ratio, ratio, None, len(window.latencies) >= policy.min_requests, True),
+        ("quality_gap", gates.max_quality_gap, *mean_and_stderr(window.gaps), pairs, True),
+        ("agreement", gates.min_agreement, *mean_and_stderr(window.agreements), pairs, False),
+        ("cost", gates.max_cost_ratio, cost_ratio, None, enough, True),
     ]
     out = []
-    for name, limit, value, has_data, sign in measured:
+    for name, limit, value, stderr, has_data, upper in measured:
         if limit is None:
             continue
-        verdict = None if value is None or not has_data else sign * value <= sign * limit
-        out.append(Gate(name, value, limit, verdict))
+        passed = None if value is None or not has_data else verdict(value, stderr, limit, upper, gates.confidence_z)
+        out.append(Gate(name, value, limit, passed, stderr))
     return out
 
 

@@ -41,6 +41,9 @@ class Gates(_Strict):
     max_quality_gap: float | None = Field(0.5, description="mean paired NLL gap, nats per token")
     min_agreement: float | None = Field(None, ge=0, le=1, description="mean token agreement with the baseline")
     max_cost_ratio: float | None = Field(None, gt=0, description="candidate / baseline live cost per 1M tokens")
+    confidence_z: float = Field(2.0, ge=0, description="standard errors by which a measured mean (error rate, "
+                                "quality gap, agreement) must clear its limit to pass, or miss it to fail; "
+                                "in between the step waits for more data. 0: decide on the mean alone")
 
 
 class CanaryPolicy(_Strict):

@@ -52,9 +52,25 @@ def test_gates_wait_for_their_minimum_of_data():
 
 def test_each_gate_fails_on_its_own_number():
     window = StepWindow(ok=3, failed=1, latencies=[1.0, 1.0, 1.0, 5.0], gaps=[0.1, 0.2], agreements=[0.2, 0.4])
-    verdicts = {g.name: g.passed for g in judge(policy(min_agreement=0.5, max_cost_ratio=0.9), window, 1.0, 1.2)}
+    point = policy(min_agreement=0.5, max_cost_ratio=0.9, confidence_z=0)  # means taken as they are
+    verdicts = {g.name: g.passed for g in judge(point, window, 1.0, 1.2)}
     assert verdicts == {"error_rate": True, "p99_latency": False, "quality_gap": True, "agreement": False,
                         "cost": False}
+
+
+def test_a_mean_must_clear_its_limit_by_two_standard_errors_either_way():
+    def gap_verdict(gaps):
+        [gate] = [g for g in judge(policy(), StepWindow(ok=4, gaps=gaps), None, None) if g.name == "quality_gap"]
+        return gate.passed
+
+    assert gap_verdict([0.1] * 10) is True
+    assert gap_verdict([1.0, 1.2]) is False  # 1.1 ± 0.1: clearly over 0.3
+    # noisy pairs whose mean (0.41) is over the limit but within two standard errors (2 x 0.12) of it:
+    # neither a promotion nor a rollback, the step keeps measuring (a real run rolled back a good
+    # artifact on such a mean before this rule)
+    assert gap_verdict([0.9, 0.1, 0.6, 0.5, 0.2, 0.8, 0.1, 0.1]) is None
+    errors = judge(policy(), StepWindow(ok=9, failed=1), None, None)[0]
+    assert errors.name == "error_rate" and errors.value == 0.1 and errors.passed is None  # 1 of 10: too few to tell
 
 
 def test_promotes_step_by_step_then_completes():
@@ -89,7 +105,7 @@ def test_errors_roll_back_and_other_variants_do_not_count():
     canary = CanaryController(policy(), MODELS, MemoryStore(), "k", leader=True, now=0.0)
     for _ in range(20):
         canary.record_outcome("other", "error", None)
-    feed(canary, ok=2, failed=2)
+    feed(canary, ok=2, failed=10)
     assert canary.tick(20.0, None).reason == "error_rate"
 
 
