@@ -12,10 +12,35 @@ exec > >(tee "$W/log") 2>&1
 PY=.venv/bin/python
 SERVE=
 trap '[ -n "$SERVE" ] && kill -TERM $SERVE 2>/dev/null; wait' EXIT
+
+show() { echo "\$ $*"; "$@"; }  # print a command as the docs show it, then run it
+prune() { echo "\$ $PY -m sinkprune prune $*"; $PY -m sinkprune prune "$@" 2>&1 | grep -v "it/s\]" | tail -2; }
+
+serve_with() {  # serve dense + the artifact $1 with the policy, until stop_serving
+  $PY -m serve.local --pruned "$1" --router-config "$W/router.yaml" --port 8000 --metrics-port 8080 \
+    > "$W/serve-$(basename "$1").log" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 120); do curl -sf 127.0.0.1:8000/healthz >/dev/null && break; sleep 2; done
+}
+
+stop_serving() { kill -TERM $SERVE; wait $SERVE; SERVE=; }
+
+load_and_watch() {  # the load test (its arguments), one line of the canary's progress every 10 s
+  echo "\$ $PY -m loadtest $*"
+  $PY -m loadtest "$@" --quiet &
+  local load=$!
+  while kill -0 $load 2>/dev/null; do
+    curl -s 127.0.0.1:8000/rollout | $PY scripts/rollout_line.py
+    sleep 10
+  done
+  wait $load
+}
+
 date -u
-echo '$ sinkprune prune --model embedded --method sink-wanda --pattern 2:4 --out-dir '"$W"'/pruned'
-/usr/bin/time -f "%e s" $PY -m sinkprune prune --model embedded --method sink-wanda --pattern 2:4 --out-dir $W/pruned 2>&1 | grep -v "it/s\]" | tail -8
-cat > $W/router.yaml <<'YAML'
+started=$SECONDS
+prune --model embedded --method sink-wanda --pattern 2:4 --out-dir "$W/pruned"
+echo "($((SECONDS - started)) s)"
+cat > "$W/router.yaml" <<'YAML'
 quality: {sample_rate: 0.5, samples: 8, max_busy: 2}
 cost: {cpu_replica_hour: 0.10, window_s: 120}
 canary:
@@ -27,50 +52,30 @@ canary:
   min_pairs: 8
   gates: {max_error_rate: 0.02, max_p99_latency_ratio: 2.0, max_quality_gap: 0.5}
 YAML
-echo '$ cat '"$W"'/router.yaml'; cat $W/router.yaml
-$PY -m serve.local --pruned $W/pruned --router-config $W/router.yaml --port 8000 --metrics-port 8080 > $W/serve.log 2>&1 &
-SERVE=$!
-for i in $(seq 1 120); do curl -sf 127.0.0.1:8000/healthz >/dev/null && break; sleep 2; done
-echo '$ curl -s 127.0.0.1:8000/rollout'; curl -s 127.0.0.1:8000/rollout; echo
-curl -s 127.0.0.1:8080/metrics > $W/metrics-before.txt
-echo '$ python -m loadtest --num-prompts 200 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body {"steps": 16} --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 --goodput e2el:4000 --max-seconds 400 --out-dir '"$W"'/load --quiet'
-$PY -m loadtest --num-prompts 200 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body '{"steps": 16}' \
-   --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 --goodput e2el:4000 --max-seconds 400 \
-   --out-dir $W/load --quiet &
-LOAD=$!
-while kill -0 $LOAD 2>/dev/null; do
-  curl -s 127.0.0.1:8000/rollout | $PY scripts/rollout_line.py
-  sleep 10
-done
-wait $LOAD
-sleep 15
-curl -s 127.0.0.1:8080/metrics > $W/metrics-after.txt
-echo '$ curl -s 127.0.0.1:8000/rollout'; curl -s 127.0.0.1:8000/rollout | $PY -m json.tool
-echo '$ python -m loadtest.report --run routed='"$W"'/load --pruned-artifact '"$W"'/pruned --metrics-before '"$W"'/metrics-before.txt --metrics-after '"$W"'/metrics-after.txt --price-per-hour 0.10 --out-dir '"$W"'/report'
-$PY -m loadtest.report --run routed=$W/load --pruned-artifact $W/pruned --metrics-before $W/metrics-before.txt \
-   --metrics-after $W/metrics-after.txt --price-per-hour 0.10 --out-dir $W/report
-grep -i "canary" $W/serve.log | tail -6
-kill -TERM $SERVE; wait $SERVE; SERVE=
+show cat "$W/router.yaml"
+
+serve_with "$W/pruned"
+show curl -s 127.0.0.1:8000/rollout; echo
+curl -s 127.0.0.1:8080/metrics > "$W/metrics-before.txt"
+load_and_watch --num-prompts 200 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body '{"steps": 16}' \
+  --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 --goodput e2el:4000 --max-seconds 400 \
+  --out-dir "$W/load"
+sleep 15  # one metrics export period after the last request
+curl -s 127.0.0.1:8080/metrics > "$W/metrics-after.txt"
+echo "\$ curl -s 127.0.0.1:8000/rollout"; curl -s 127.0.0.1:8000/rollout | $PY -m json.tool
+show $PY -m loadtest.report --run "routed=$W/load" --pruned-artifact "$W/pruned" \
+  --metrics-before "$W/metrics-before.txt" --metrics-after "$W/metrics-after.txt" --price-per-hour 0.10 \
+  --out-dir "$W/report"
+stop_serving
 date -u
-echo '## part 2: a collapsed candidate'
-echo '$ sinkprune prune --model embedded --method magnitude --pattern unstructured:0.75 --out-dir '"$W"'/u75'
-$PY -m sinkprune prune --model embedded --method magnitude --pattern unstructured:0.75 --out-dir $W/u75 2>&1 | grep -v "it/s\]" | tail -2
-echo '$ sinkprune prune --model '"$W"'/u75 --method magnitude --pattern 2:4 --out-dir '"$W"'/collapsed'
-$PY -m sinkprune prune --model $W/u75 --method magnitude --pattern 2:4 --out-dir $W/collapsed 2>&1 | grep -v "it/s\]" | tail -2
-$PY -m serve.local --pruned $W/collapsed --router-config $W/router.yaml --port 8000 --metrics-port 8080 > $W/serve2.log 2>&1 &
-SERVE=$!
-for i in $(seq 1 120); do curl -sf 127.0.0.1:8000/healthz >/dev/null && break; sleep 2; done
-echo '$ python -m loadtest --num-prompts 100 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body {"steps": 16} --out-dir '"$W"'/load2 --quiet'
-$PY -m loadtest --num-prompts 100 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body '{"steps": 16}' \
-   --max-seconds 300 --out-dir $W/load2 --quiet &
-LOAD=$!
-while kill -0 $LOAD 2>/dev/null; do
-  curl -s 127.0.0.1:8000/rollout | $PY scripts/rollout_line.py
-  sleep 10
-done
-wait $LOAD
-echo '$ curl -s 127.0.0.1:8000/rollout'; curl -s 127.0.0.1:8000/rollout | $PY -c "import json,sys; d=json.load(sys.stdin); print(json.dumps({'weights': d['weights'], 'status': d['canary']['status'], 'decisions': d['canary']['decisions']}, indent=1))"
-$PY -c "import json; s=json.load(open('$W/load2/summary.json'))['phases'][0]['summary']; print({v: x['completed'] for v, x in s.items()})"
-grep -i "canary" $W/serve2.log | tail -4
-kill -TERM $SERVE; wait $SERVE; SERVE=
+
+echo "## part 2: a collapsed candidate"
+prune --model embedded --method magnitude --pattern unstructured:0.75 --out-dir "$W/u75"
+prune --model "$W/u75" --method magnitude --pattern 2:4 --out-dir "$W/collapsed"
+serve_with "$W/collapsed"
+load_and_watch --num-prompts 100 --request-rate 1 --max-concurrency 4 --output-len 16 --extra-body '{"steps": 16}' \
+  --max-seconds 300 --out-dir "$W/load2"
+echo "\$ curl -s 127.0.0.1:8000/rollout"; curl -s 127.0.0.1:8000/rollout | $PY -m json.tool
+$PY -c "import json; s = json.load(open('$W/load2/summary.json'))['phases'][0]['summary']; print({v: x['completed'] for v, x in s.items()})"
+stop_serving
 date -u
