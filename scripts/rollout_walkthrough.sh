@@ -11,7 +11,7 @@ mkdir -p "$W"
 exec > >(tee "$W/log") 2>&1
 PY=.venv/bin/python
 SERVE=
-trap '[ -n "$SERVE" ] && kill -TERM $SERVE 2>/dev/null; wait' EXIT
+trap '[ -n "$SERVE" ] && { kill -TERM $SERVE 2>/dev/null; wait $SERVE; }' EXIT  # a serve.local left running
 
 show() { echo "\$ $*"; "$@"; }  # print a command as the docs show it, then run it
 prune() { echo "\$ $PY -m sinkprune prune $*"; $PY -m sinkprune prune "$@" 2>&1 | grep -v "it/s\]" | tail -2; }
