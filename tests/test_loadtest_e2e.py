@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _server(app, status: str) -> dict[str, float]:
-    promql = f'sum by (variant) (ray_sinkserve_requests_total{{status="{status}"}})'
+    promql = f'sum by (variant) (ray_sinkserve_requests_total{{application="sinkserve", status="{status}"}})'
     return {json.loads(k).get("variant"): v for k, v in app.query(promql).items()}
 
 

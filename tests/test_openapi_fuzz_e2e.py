@@ -30,6 +30,7 @@ def test_schemathesis_finds_nothing(app, tmp_path):
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     result = json.loads(report.read_text())
-    assert result["operations"]["tested"] == 5 and result["test_cases"]["errored"] == 0
-    assert result["test_cases"]["generated"] >= 5 * EXAMPLES_PER_OPERATION
+    operations = 6  # completions, chat, generate, models, healthz, rollout
+    assert result["operations"]["tested"] == operations and result["test_cases"]["errored"] == 0
+    assert result["test_cases"]["generated"] >= operations * EXAMPLES_PER_OPERATION
     assert result["test_cases"]["with_failures"] == 0 and not result["failures"] and not result["errors"]

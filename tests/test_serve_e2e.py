@@ -48,7 +48,7 @@ def settled(read, pause_s: float = 12.0, timeout_s: float = 120.0):
 
 def test_split_is_balanced_sticky_and_counted_by_prometheus(app):
     base_url, query = app.base_url, app.query
-    promql = 'sum by (variant) (ray_sinkserve_requests_total{status="ok"})'
+    promql = 'sum by (variant) (ray_sinkserve_requests_total{application="sinkserve", status="ok"})'
 
     def counts():
         return {json.loads(k).get("variant"): v for k, v in query(promql).items()}

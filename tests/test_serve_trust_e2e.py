@@ -50,7 +50,7 @@ def client_count(results) -> Counter:
 
 
 def server_counts(app) -> Counter:
-    rows = app.query("sum by (variant, status) (ray_sinkserve_requests_total)")
+    rows = app.query('sum by (variant, status) (ray_sinkserve_requests_total{application="sinkserve"})')
     return Counter({(json.loads(k)["variant"], json.loads(k)["status"]): v for k, v in rows.items()})
 
 
@@ -76,7 +76,7 @@ def router_log_tail() -> str:
 
 
 def variant_down_total(app) -> float:
-    return sum(app.query("sum(ray_sinkserve_ab_variant_down_total)").values())
+    return sum(app.query('sum(ray_sinkserve_ab_variant_down_total{application="sinkserve"})').values())
 
 
 def health(base_url: str) -> dict:
