@@ -30,7 +30,7 @@ from sinkprune.dlm.model import DiffusionLM
 from serve.config import EngineConfig
 from serve.model_runner import ModelRunner
 from serve.requests import CANCELLED, ERROR, FINISHED, EngineError, GenerationRequest, RequestError, \
-    RequestOutput, StreamEvent, longest_token_chars, prepare
+    PreparedRequest, RequestOutput, StreamEvent, longest_token_chars, prepare
 from serve.scheduler import Scheduler
 from serve.sequence import Sequence
 
@@ -114,8 +114,7 @@ class DLMEngine:
         """Queue `request` and return its event stream. Raises at once `RequestError`
         (invalid, naming the field) or `EngineOverloaded` (queue full, with retry_after)."""
         self._bind_loop()
-        prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
-                           self.config.dual_cache, self.config.stop_token_ids, self._max_prompt_chars)
+        prepared = self._prepare(request)
         if prepared.request_id in self._requests:
             raise RequestError("request_id", f"{prepared.request_id!r} is already in use")
         config = self.model.config
@@ -126,6 +125,11 @@ class DLMEngine:
         self._requests[seq.request_id] = (seq, stream)
         self._wakeup.set()
         return stream
+
+    def _prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validated, tokenized, defaults resolved: the same for generation and for scoring."""
+        return prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
+                       self.config.dual_cache, self.config.stop_token_ids, self._max_prompt_chars)
 
     async def generate(self, request: GenerationRequest) -> RequestOutput:
         """The whole result; raises `EngineError` if the request failed inside the engine."""
@@ -143,8 +147,7 @@ class DLMEngine:
         the router's paired quality check. An answer that stopped is scored with the end token
         that stopped it. Runs on the engine's worker thread, between denoising steps."""
         self._bind_loop()
-        prepared = prepare(request, self.tokenizer, self.model.config, self._max_length, self.config.prefix_cache,
-                           self.config.dual_cache, self.config.stop_token_ids, self._max_prompt_chars)
+        prepared = self._prepare(request)
         prompt, eos = prepared.prompt_ids, self.model.config.eos_token_ids
         rows = [prompt + list(a["token_ids"]) + (list(eos[:1]) if a["finish_reason"] == "stop" else [])
                 for a in answers]

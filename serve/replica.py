@@ -112,13 +112,6 @@ class ModelReplica:
             elif event.text or event.token_ids:
                 yield {"type": event.type, "text": event.text, "token_ids": event.token_ids, "block": event.block}
 
-    async def generate(self, request: dict) -> dict:
-        """The last event of `stream`: the finished output or the error."""
-        last = None
-        async for event in self.stream(request):
-            last = event
-        return last
-
     def _busier_than(self, max_busy: int) -> bool:
         return self.engine.num_waiting + self.engine.num_running > max_busy
 
