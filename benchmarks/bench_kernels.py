@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from kernels.dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, table_key
-from kernels.sparse24 import Sparse24Linear  # imports the Triton kernel only when a layer uses it, after main() ran
-from kernels.testing import random_24_weight
+from sinkkernels.dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, table_key
+from sinkkernels.sparse24 import Sparse24Linear  # imports the Triton kernel only when a layer uses it, after main() ran
+from sinkkernels.testing import random_24_weight
 
 SHAPES = {  # (out_features N, in_features K) of the linear layers
     "llada-8b": [(4096, 4096), (12288, 4096), (4096, 12288)],

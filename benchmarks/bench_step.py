@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from benchmarks.bench_kernels import relative_error, time_cpu, time_cuda
-from kernels.dispatch import BACKENDS, BackendUnavailable
-from kernels.swap import swap_sparse_linears
+from sinkkernels.dispatch import BACKENDS, BackendUnavailable
+from sinkkernels.swap import swap_sparse_linears
 from sinkprune.calibration import prunable_linears
 from sinkprune.dlm import DLMConfig, build_model, load_model
 from sinkprune.dlm.model import DiffusionLM

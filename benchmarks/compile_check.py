@@ -79,7 +79,7 @@ class CompileReport:
 
 def autotune_configs() -> list[TileConfig]:
     """The kernel's GPU autotune list, as `TileConfig`s."""
-    from kernels.triton_sparse24 import GPU_CONFIGS
+    from sinkkernels.triton_sparse24 import GPU_CONFIGS
     return [TileConfig(*values) for values in GPU_CONFIGS]
 
 
@@ -125,7 +125,7 @@ def compile_config(config: TileConfig, arch: int, dtype: str = "bfloat16", split
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton_sparse24 import _sparse24_kernel as kernel
+    from sinkkernels.triton_sparse24 import _sparse24_kernel as kernel
 
     signature = _signature(kernel, dtype, split_k)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)

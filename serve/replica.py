@@ -64,7 +64,7 @@ class ModelReplica:
 
     @staticmethod
     def _swap_sparse(model, backend: str | None) -> list[str]:
-        from kernels.swap import swap_sparse_linears
+        from sinkkernels.swap import swap_sparse_linears
 
         return swap_sparse_linears(model, backend=backend, skip_dense=True)
 

@@ -30,7 +30,7 @@ def compressed_state(model: DiffusionLM, dtype: torch.dtype | None = None) -> It
     """The state dict, produced one tensor at a time (never a second copy of the model), with
     every prunable linear weight in sparse-24-bitmask form under compressed-tensors' names:
     `<module>.compressed`, `<module>.bitmask`, `<module>.shape` (2, 1)."""
-    from kernels.formats import to_bitmask
+    from sinkkernels.formats import to_bitmask
 
     targets = {name + ".weight": name for name in prunable_linears(model)}
     for name, tensor in converted_state(model, dtype):

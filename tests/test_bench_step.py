@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.sparse24 import Sparse24Linear
+from sinkkernels.sparse24 import Sparse24Linear
 from benchmarks.bench_step import BASELINE, build, prune_24, swapped
 from sinkprune.calibration import prunable_linears
 

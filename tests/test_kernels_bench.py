@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_kernels import Row, bytes_moved, dispatch_plans, write_table
-from kernels.dispatch import TABLE_FORMAT
+from sinkkernels.dispatch import TABLE_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ def compile_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProce
 
 
 def test_every_autotune_config_compiles_clean_for_a100_and_h100(tmp_path):
-    from kernels.triton_sparse24 import GPU_CONFIGS
+    from sinkkernels.triton_sparse24 import GPU_CONFIGS
 
     result, reports = compile_check(tmp_path, "--dtype", "bfloat16")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from kernels import dispatch
+from sinkkernels import dispatch
 from benchmarks.bench_kernels import main as bench_main
-from kernels.sparse24 import Sparse24Linear
-from kernels.testing import random_24_weight
+from sinkkernels.sparse24 import Sparse24Linear
+from sinkkernels.testing import random_24_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BACKENDS = ["dense", "triton", "cusparselt", "cutlass"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import formats
-from kernels.testing import random_24_weight
+from sinkkernels import formats
+from sinkkernels.testing import random_24_weight
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import dispatch, formats
-from kernels.dispatch import BackendUnavailable, Plan, plan_for
-from kernels.sparse24 import Sparse24Linear
-from kernels.testing import random_24_weight
+from sinkkernels import dispatch, formats
+from sinkkernels.dispatch import BackendUnavailable, Plan, plan_for
+from sinkkernels.sparse24 import Sparse24Linear
+from sinkkernels.testing import random_24_weight
 
 
 @pytest.fixture(autouse=True)

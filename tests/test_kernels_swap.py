@@ -6,10 +6,10 @@ import torch
 from conftest import random_model
 from torch import nn
 
-from kernels import dispatch, formats
-from kernels.sparse24 import Sparse24Linear
-from kernels.swap import load_sparse_linears, swap_sparse_linears
-from kernels.testing import random_24_weight
+from sinkkernels import dispatch, formats
+from sinkkernels.sparse24 import Sparse24Linear
+from sinkkernels.swap import load_sparse_linears, swap_sparse_linears
+from sinkkernels.testing import random_24_weight
 
 
 @pytest.fixture(autouse=True)

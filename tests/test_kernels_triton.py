@@ -14,10 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel module
 
-from kernels import formats  # noqa: E402
-from kernels.sparse24 import Sparse24Linear  # noqa: E402
-from kernels.testing import random_24_weight  # noqa: E402
-from kernels.triton_sparse24 import GPU_CONFIGS, Tiles, sparse24_matmul  # noqa: E402
+from sinkkernels import formats  # noqa: E402
+from sinkkernels.sparse24 import Sparse24Linear  # noqa: E402
+from sinkkernels.testing import random_24_weight  # noqa: E402
+from sinkkernels.triton_sparse24 import GPU_CONFIGS, Tiles, sparse24_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5}

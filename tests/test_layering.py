@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = ("sinkprune", "kernels", "serve", "loadtest")
+PRODUCT = ("sinkprune", "sinkkernels", "serve", "loadtest")
 
 
 def imported_modules(path: Path) -> set[str]:

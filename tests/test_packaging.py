@@ -9,7 +9,7 @@ from packaging.version import Version
 
 
 def test_transformers_does_not_mistake_our_kernels_for_hub_kernels():
-    import kernels
+    import sinkkernels
     import transformers.utils.import_utils as import_utils
 
     assert "sinkserve" in (kernels.__doc__ or "")
@@ -20,7 +20,7 @@ def test_transformers_does_not_mistake_our_kernels_for_hub_kernels():
 
 def test_transformers_hub_kernel_integration_imports_cleanly_beside_ours():
     # in a fresh interpreter: the integration module imports `kernels` eagerly if it believes it is HF's
-    code = "import kernels, transformers.integrations.hub_kernels as h; print('ok')"
+    code = "import sinkkernels, transformers.integrations.hub_kernels as h; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -115,7 +115,7 @@ def decompress_state(state: dict[str, torch.Tensor], hf_config: dict) -> dict[st
         return state
     if fmt != BITMASK_FORMAT:
         raise ArtifactError(f"unsupported sparsity format {fmt!r} in config.json (only {BITMASK_FORMAT!r})")
-    from kernels.formats import check_24, from_bitmask
+    from sinkkernels.formats import check_24, from_bitmask
 
     out = {name: t for name, t in state.items() if not name.endswith(SUFFIXES)}
     prefixes = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(SUFFIXES)})

@@ -155,7 +155,7 @@ def _check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
                     tiles: Tiles | None = None) -> torch.Tensor:
-    """`x (M, K) @ W^T + bias` for W `(N, K)` packed as (values, meta) by `kernels.formats.pack`.
+    """`x (M, K) @ W^T + bias` for W `(N, K)` packed as (values, meta) by `sinkkernels.formats.pack`.
 
     `tiles=None` autotunes on GPU (and picks split-K for small M) and uses
     `INTERPRETER_TILES` in the interpreter; pass `Tiles` to force one configuration.
