@@ -61,6 +61,7 @@ class Row:
     m: int
     backend: str
     ms: float | None = None
+    eager_ms: float | None = None  # per call, back to back without graphs (host overhead included)
     tflops: float | None = None
     gbps: float | None = None
     speedup: float | None = None
@@ -75,21 +76,55 @@ def bytes_moved(m: int, n: int, k: int, backend: str, element: int) -> int:
     return (m * k + m * n) * element + weight
 
 
-def time_cuda(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median seconds of `fn` over `reps` runs, each after an L2 flush, timed with CUDA events."""
+def time_cuda(fn: Callable[[], object], warmup: int, reps: int, graph: bool = True) -> float:
+    """Median seconds of `fn` over `reps` runs, each after an L2 flush, timed with CUDA events.
+
+    `graph=True` captures one call in a CUDA graph and times its replay: the GPU's time for the
+    call, without the host's launch overhead (what a serving step that replays graphs pays). The
+    flush before each run also gives the host time to queue the run, so the events bracket GPU work.
+    """
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
+    run = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(captured):
+                fn()
+            run = captured.replay
+        except RuntimeError as error:  # a host synchronisation inside fn: time it eagerly, and say so
+            print(f"warning: CUDA graph capture failed ({str(error).splitlines()[0]}); timing eagerly",
+                  file=sys.stderr)
+            torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def time_cuda_eager_stream(fn: Callable[[], object], calls: int = 20) -> float:
+    """Seconds per call of `calls` back-to-back eager calls, no flush: host launch overhead included."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def time_cpu(fn: Callable[[], object], warmup: int, reps: int) -> float:
@@ -134,6 +169,8 @@ def bench_shape(model: str, n: int, k: int, m_values: tuple[int, ...], backends:
             with torch.no_grad():
                 row.max_rel_err = relative_error(layer(x), reference)
                 seconds = timer(lambda: layer(x), warmup, reps)
+                if device.type == "cuda":
+                    row.eager_ms = time_cuda_eager_stream(lambda: layer(x)) * 1e3
             dense_seconds = seconds if backend == "dense" else dense_seconds
             moved = bytes_moved(m, n, k, backend, element)
             peak = roofline.sparse_tflops if backend in ("cusparselt", "cutlass") else roofline.dense_tflops
@@ -172,13 +209,14 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| model | N x K | M | backend | ms | TFLOP/s | GB/s | speedup vs dense | roofline | max rel err |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | N x K | M | backend | ms (graph) | ms (eager) | TFLOP/s | GB/s | speedup vs dense | roofline "
+             "| max rel err |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | skipped: {r.skipped} | | | | | |")
+            lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | skipped: {r.skipped} | | | | | | |")
             continue
-        lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | {_cell(r.ms, '.4f')} | "
+        lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | {_cell(r.ms, '.4f')} | {_cell(r.eager_ms, '.4f')} | "
                      f"{_cell(r.tflops, '.2f')} | {_cell(r.gbps, '.1f')} | {_cell(r.speedup, '.2f')} | "
                      f"{_cell(r.roofline, '.0%')} | {_cell(r.max_rel_err, '.1e')} |")
     return "\n".join(lines)

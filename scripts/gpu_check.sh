@@ -3,7 +3,10 @@
 # its output to OUT/<stage>.txt (and JSON/PNG beside it), ready for docs/BENCHMARKS.md; a failing stage
 # does not stop the others, and the exit status is 1 if any failed.
 #
-#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env tests compile bench step (default: all, in order)
+#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench step (default: all, in order)
+#
+# Every stage is time-boxed (STAGE_SECONDS, default 240) so an overrun loses only that stage; BENCH_ARGS
+# replaces the kernel benchmark's default arguments (for a shorter run), STEP_ARGS adds to the step benchmark's.
 #
 # PYTHON (default python3, which holds torch on the lent GPU machines) runs everything; it needs torch with
 # CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Budget on an H100:
@@ -12,12 +15,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 shift $(( $# > 0 ? 1 : 0 ))
-stages=("${@:-env tests compile bench step}")
+stages=("${@:-env ext tests compile bench step}")
 stages=(${stages[*]})
 for stage in "${stages[@]}"; do
     case $stage in
-        env|tests|compile|bench|step) ;;
-        *) echo "gpu_check: unknown stage '$stage' (stages: env tests compile bench step)" >&2; exit 2 ;;
+        env|ext|tests|compile|bench|step) ;;
+        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench step)" >&2; exit 2 ;;
     esac
 done
 py=${PYTHON:-python3}
@@ -29,23 +32,28 @@ run_stage() {
     local name=$1
     shift
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.txt"
+    timeout "${STAGE_SECONDS:-240}" "$@" 2>&1 | tee "$out/$name.txt"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc"
+    # GPU_TAR: a tarball of everything written so far, refreshed after every stage (one file to bring back)
+    [ -z "${GPU_TAR:-}" ] || tar czf "$GPU_TAR" -C "$out" .
     [ "$rc" -eq 0 ] || failed=1
 }
 
 for stage in "${stages[@]}"; do
     case $stage in
         env) run_stage env sh -c "nvidia-smi; date -u; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuSPARSELt\", torch.backends.cusparselt.is_available()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'" ;;
+        ext) run_stage ext "$py" -c 'import time; from sinkkernels import cusparselt as c; print("found", c.find_library()); t = time.time(); e = c.extension(); print(f"cuSPARSELt {e.version()} extension built/loaded in {time.time() - t:.1f} s")' ;;
         tests) run_stage tests "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
                    tests/test_kernels_triton.py tests/test_kernels_linear.py tests/test_kernels_swap.py \
                    tests/test_kernels_formats.py tests/test_bench_step.py ;;
         compile) run_stage compile "$py" -m benchmarks.compile_check --out "$out/compile_check.json" ;;
         bench) run_stage bench "$py" -m benchmarks.bench_kernels --out "$out/kernels_bench.json" \
-                   --table "$out/dispatch_table.json" ;;
-        step) run_stage step_llada "$py" -m benchmarks.bench_step --model llada-8b --out "$out/step_llada.json"
-              run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" ;;
+                   --table "$out/dispatch_table.json" ${BENCH_ARGS:-} ;;
+        step) run_stage step_llada "$py" -m benchmarks.bench_step --model llada-8b --out "$out/step_llada.json" \
+                  ${STEP_ARGS:-}
+              run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" \
+                  ${STEP_ARGS:-} ;;
     esac
 done
 exit $failed

@@ -24,8 +24,8 @@ DEFAULT_TABLE = Path(__file__).with_name("dispatch_table.json")
 TABLE_FORMAT = "sinkserve-sparse-dispatch-v1"
 SMALL_M = 64
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# PyTorch semi-structured sparsity, fp16/bf16 weights: rows and columns must be multiples of these.
-SEMI_STRUCTURED_MULTIPLES = {"cusparselt": (16, 16), "cutlass": (32, 64)}
+# PyTorch's CUTLASS semi-structured sparsity, fp16/bf16 weights: rows and columns must be multiples of these.
+CUTLASS_MULTIPLES = (32, 64)
 
 
 class BackendUnavailable(RuntimeError):
@@ -66,18 +66,21 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, o
         if dtype not in HALF_DTYPES + (torch.float32,):
             return f"the triton backend takes float16, bfloat16 or float32, not {dtype}"
         return None
+    if backend == "cusparselt":
+        from .cusparselt import unavailable_reason as cusparselt_reason
+        return cusparselt_reason(device, dtype, out_features, in_features)
     if device.type != "cuda":
         return (f"the {backend} backend needs a CUDA GPU (PyTorch semi-structured sparsity is CUDA only), the "
                 f"weight is on {device}; use backend 'dense' on CPU")
     if dtype not in HALF_DTYPES:
         return f"the {backend} backend takes float16 or bfloat16 weights, not {dtype}"
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return f"the {backend} backend needs sparse tensor cores (compute capability 8.0+)"
-    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-        return "this PyTorch build has no cuSPARSELt; use backend 'cutlass' or 'triton'"
-    rows, cols = SEMI_STRUCTURED_MULTIPLES[backend]
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] != 8:
+        return (f"the cutlass backend is PyTorch's CUTLASS 2:4 kernel, built for Ampere-class GPUs only (compute "
+                f"capability 8.x); this GPU is {capability[0]}.{capability[1]}")
+    rows, cols = CUTLASS_MULTIPLES
     if out_features % rows or in_features % cols:
-        return (f"the {backend} backend needs out_features a multiple of {rows} and in_features a multiple of "
+        return (f"the cutlass backend needs out_features a multiple of {rows} and in_features a multiple of "
                 f"{cols}, got a ({out_features}, {in_features}) weight")
     return None
 

@@ -3,8 +3,9 @@
 The packed weight (`values`, `meta`) and `bias` are the module's buffers (its
 state_dict). Each backend of the layer's plan prepares its own form of the weight
 once, at construction and after `.to()` / `.half()` (never per call): `dense` the
-dense weight, `triton` nothing (it reads the packed buffers), `cusparselt` /
-`cutlass` a PyTorch semi-structured tensor. A forward picks the backend by M, the
+dense weight, `triton` nothing (it reads the packed buffers), `cusparselt` the
+weight compressed by cuSPARSELt (our extension, plans made once), `cutlass` a
+PyTorch semi-structured tensor. A forward picks the backend by M, the
 number of rows of the flattened input.
 """
 from __future__ import annotations
@@ -46,8 +47,8 @@ class _TritonRunner:
         return self.matmul(x, self.values, self.meta, bias)
 
 
-class _SemiStructuredRunner:
-    """PyTorch semi-structured sparsity; `cutlass` picks CUTLASS, else cuSPARSELt (their metadata differ).
+class _CutlassRunner:
+    """PyTorch's CUTLASS semi-structured kernel (Ampere only; `dispatch` never offers it elsewhere).
 
     The weight is the sparse operand, so `F.linear` runs the transposed product
     `(W @ x^T)^T`. M is padded to a multiple of 8 here rather than relying on the
@@ -55,11 +56,11 @@ class _SemiStructuredRunner:
     fused with the internal transpose has produced wrong results in the past.
     """
 
-    def __init__(self, weight: torch.Tensor, cutlass: bool) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
         previous = SparseSemiStructuredTensor._FORCE_CUTLASS
-        SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+        SparseSemiStructuredTensor._FORCE_CUTLASS = True
         try:
             self.weight = to_sparse_semi_structured(weight.contiguous())
         finally:
@@ -124,8 +125,15 @@ class Sparse24Linear(nn.Module):
                 self._runners[backend] = _TritonRunner(self.values, self.meta)
                 continue
             dense = unpack(self.values, self.meta, self.name) if dense is None else dense
-            self._runners[backend] = (_DenseRunner(dense) if backend == "dense"
-                                      else _SemiStructuredRunner(dense, cutlass=backend == "cutlass"))
+            if backend == "dense":
+                self._runners[backend] = _DenseRunner(dense)
+            elif backend == "cusparselt":
+                from .cusparselt import CusparseLtWeight  # builds the extension on first use (CUDA only)
+                self._runners[backend] = CusparseLtWeight(dense)
+            else:
+                self._runners[backend] = _CutlassRunner(dense)
+        # A plan of the dense backend alone runs what nn.Linear runs, with nothing added per call.
+        self._dense_only = self._runners["dense"].weight if self.plan.backends == ("dense",) else None
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         super()._apply(fn, recurse)
@@ -141,12 +149,17 @@ class Sparse24Linear(nn.Module):
         return unpack(self.values, self.meta, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features or x.dtype != self.values.dtype:
-            raise ValueError(f"{self.name}: expected input (..., {self.in_features}) {self.values.dtype}, got "
-                             f"{tuple(x.shape)} {x.dtype}")
-        x2d = x.reshape(-1, self.in_features)
-        y = self._runners[self.plan.backend_for(x2d.shape[0])](x2d, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        try:
+            if self._dense_only is not None:
+                return F.linear(x, self._dense_only, self.bias)
+            x2d = x.reshape(-1, self.in_features)
+            y = self._runners[self.plan.backend_for(x2d.shape[0])](x2d, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        except RuntimeError as error:  # checked only on failure: the happy path does no Python work dense does not
+            if x.shape[-1] != self.in_features or x.dtype != self.values.dtype:
+                raise ValueError(f"{self.name}: expected input (..., {self.in_features}) {self.values.dtype}, got "
+                                 f"{tuple(x.shape)} {x.dtype}") from error
+            raise
 
     def extra_repr(self) -> str:
         steps = ", ".join(f"M<={m}: {b}" if m is not None else b for m, b in self.plan.steps)

@@ -139,8 +139,8 @@ def test_dispatch_table_is_read_from_the_benchmark_file(tmp_path, monkeypatch):
         dispatch.load_table()
 
 
-def test_semi_structured_wrapper_pads_m_adds_bias_and_converts_once(monkeypatch):
-    """The CUDA wrapper's own logic, on CPU: a stand-in conversion returns the dense weight."""
+def test_cutlass_wrapper_pads_m_adds_bias_and_converts_once(monkeypatch):
+    """The CUTLASS wrapper's own logic, on CPU: a stand-in conversion returns the dense weight."""
     from torch.sparse import SparseSemiStructuredTensor
 
     calls = []
@@ -160,12 +160,26 @@ def test_semi_structured_wrapper_pads_m_adds_bias_and_converts_once(monkeypatch)
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda *args: None)
     monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
     weight, bias = random_24_weight(32, 64, seed=4), torch.randn(32)
-    for backend, cutlass in (("cutlass", True), ("cusparselt", False)):
-        calls.clear()
-        shapes.clear()
-        layer = Sparse24Linear.from_dense(weight, bias, backend=backend)
-        for m in (5, 8, 1):
-            x = torch.randn(m, 64)
-            torch.testing.assert_close(layer(x), real_linear(x, weight, bias))
-        assert calls == [cutlass] and SparseSemiStructuredTensor._FORCE_CUTLASS is False
-        assert shapes == [((8, 64), True), ((8, 64), True), ((8, 64), True)]
+    layer = Sparse24Linear.from_dense(weight, bias, backend="cutlass")
+    for m in (5, 8, 1):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(layer(x), real_linear(x, weight, bias))
+    assert calls == [True] and SparseSemiStructuredTensor._FORCE_CUTLASS is False
+    assert shapes == [((8, 64), True), ((8, 64), True), ((8, 64), True)]
+
+
+def test_cutlass_is_never_offered_off_ampere(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    reason = dispatch.unavailable_reason("cutlass", torch.device("cuda"), torch.bfloat16, 4096, 4096)
+    assert "Ampere-class GPUs only" in reason and "this GPU is 9.0" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert dispatch.unavailable_reason("cutlass", torch.device("cuda"), torch.bfloat16, 4096, 4096) is None
+
+
+def test_dense_only_layer_is_f_linear_and_names_a_bad_input():
+    weight, bias = random_24_weight(32, 64, seed=5), torch.randn(32)
+    layer = Sparse24Linear.from_dense(weight, bias, backend="dense", name="mlp.up.weight")
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
+    with pytest.raises(ValueError, match=r"mlp\.up\.weight: expected input \(\.\.\., 64\)"):
+        layer(torch.randn(3, 63))

@@ -1,0 +1,141 @@
+"""cuSPARSELt with plans made once: our small C++ extension (`csrc/cusparselt_linear.cpp`).
+
+PyTorch's semi-structured path rebuilds cuSPARSELt's descriptors and plan on every
+call (about 0.8 ms on an H200 whatever the size, which hid every sparse speed-up).
+Here the weight is compressed once at load and a plan per (N, K, padded M, dtype) is
+built once, shared by every layer of that shape, and reused; a call is a single
+`cusparseLtMatmul` on the current stream, so it records into CUDA graphs.
+
+The extension is compiled at first use on the machine that serves (nvcc or a host
+compiler, ninja, the cuSPARSELt header and library of the CUDA wheels PyTorch ships
+with), cached under `~/.cache/sinkserve/extensions` keyed by the source and torch.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cusparselt_linear.cpp"
+ENV_PATH = "CUSPARSELT_PATH"  # a folder with include/cusparseLt.h and lib/libcusparseLt.so*
+ENV_CACHE = "SINKSERVE_EXTENSION_DIR"
+ENV_SEARCH = "SINKSERVE_CUSPARSELT_SEARCH"
+ROW_MULTIPLE = 16  # cuSPARSELt wants the dense operand's rows (our M) a multiple of 16 for 16-bit types
+SHAPE_MULTIPLE = 16  # and the weight's rows and columns too
+
+
+def _roots() -> list[Path]:
+    """Folders that may hold include/cusparseLt.h and lib/libcusparseLt.so*: $CUSPARSELT_PATH, the nvidia
+    wheels beside torch (nvidia/cusparselt, nvidia/cu13, ...), then the system's CUDA folders."""
+    roots = [Path(os.environ[ENV_PATH])] if os.environ.get(ENV_PATH) else []
+    for entry in sys.path:
+        nvidia = Path(entry or ".") / "nvidia"
+        if nvidia.is_dir():
+            roots += sorted(p for p in nvidia.iterdir() if p.is_dir())
+    return roots + [Path("/usr/local/cuda"), Path("/usr")]
+
+
+def find_library() -> tuple[Path, Path] | str:
+    """(include folder, library file) of cuSPARSELt, or why none was found."""
+    for root in _roots():
+        header = root / "include" / "cusparseLt.h"
+        found = [lib for sub in ("lib", "lib64", "lib/x86_64-linux-gnu")
+                 for lib in sorted((root / sub).glob("libcusparseLt.so*"))]
+        if header.is_file() and found:
+            return header.parent, min(found, key=lambda p: len(p.name))
+    return (f"no cuSPARSELt header and library found (looked for include/cusparseLt.h and lib/libcusparseLt.so* "
+            f"under ${ENV_PATH}, the nvidia wheels on sys.path, /usr/local/cuda and /usr)")
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> str | None:
+    """Why our cuSPARSELt backend cannot run this layer here, or None when it can (the build is tried later)."""
+    if device.type != "cuda":
+        return (f"the cusparselt backend needs a CUDA GPU, the weight is on {device}; use backend 'dense' on CPU")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the cusparselt backend takes float16 or bfloat16 weights, not {dtype}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"the cusparselt backend needs sparse tensor cores (compute capability 8.0+), this GPU is {capability}"
+    if out_features % SHAPE_MULTIPLE or in_features % SHAPE_MULTIPLE:
+        return (f"the cusparselt backend needs out_features and in_features multiples of {SHAPE_MULTIPLE}, got a "
+                f"({out_features}, {in_features}) weight")
+    found = find_library()
+    if isinstance(found, str):
+        return found
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME is None:
+        return "the cusparselt backend builds a small extension and needs the CUDA toolkit (CUDA_HOME, nvcc)"
+    return None
+
+
+def build_directory() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "sinkserve" / "extensions")
+    return base / f"cusparselt-{digest}"
+
+
+@functools.cache
+def extension():
+    """The compiled extension (built once per source and torch version; later loads take a second)."""
+    found = find_library()
+    if isinstance(found, str):
+        raise RuntimeError(found)
+    include, library = found
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(name="sinkserve_cusparselt", sources=[str(SOURCE)], build_directory=str(directory),
+                extra_include_paths=[str(include)], with_cuda=True,
+                extra_ldflags=[f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"])
+
+
+_PLANS: dict[tuple, object] = {}
+
+
+def padded_rows(m: int) -> int:
+    return -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def plan(n: int, k: int, m: int, compressed: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """The plan shared by every (N, K) weight at M rows; made on first use, when cuSPARSELt also times its
+    algorithms on these operands and keeps the fastest (unless SINKSERVE_CUSPARSELT_SEARCH=0)."""
+    key = (n, k, m, dtype, device.index or 0)
+    found = _PLANS.get(key)
+    if found is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"cuSPARSELt plan for N={n} K={k} M={m} was not made before CUDA graph capture; "
+                               "warm up every shape first")
+        found = extension().Plan(n, k, m, str(dtype).removeprefix("torch."), 0, device.index or 0)
+        if os.environ.get(ENV_SEARCH, "1") != "0":
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            found.search(compressed, x, torch.empty(m, n, dtype=dtype, device=device))
+        _PLANS[key] = found
+    return found
+
+
+class CusparseLtWeight:
+    """A 2:4 weight compressed for cuSPARSELt; calling it runs `x (M, K) @ W^T (+ bias)`."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.n, self.k = weight.shape
+        self.dtype, self.device = weight.dtype, weight.device
+        with torch.cuda.device(weight.device):
+            self.compressed = extension().compress(weight.contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.compressed.numel()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x.shape[0]
+        rows = padded_rows(m)
+        x = torch.nn.functional.pad(x, (0, 0, 0, rows - m)) if rows != m else x.contiguous()
+        out = torch.empty(rows, self.n, dtype=self.dtype, device=self.device)
+        plan(self.n, self.k, rows, self.compressed, self.dtype, self.device).run(self.compressed, x, out)
+        y = out[:m] if rows != m else out
+        return y if bias is None else y + bias
