@@ -23,7 +23,6 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "cusparselt_linear.cpp"
 ENV_PATH = "CUSPARSELT_PATH"  # a folder with include/cusparseLt.h and lib/libcusparseLt.so*
 ENV_CACHE = "SINKSERVE_EXTENSION_DIR"
-ENV_SEARCH = "SINKSERVE_CUSPARSELT_SEARCH"
 ROW_MULTIPLE = 16  # cuSPARSELt wants the dense operand's rows (our M) a multiple of 16 for 16-bit types
 SHAPE_MULTIPLE = 16  # and the weight's rows and columns too
 
@@ -101,9 +100,12 @@ def padded_rows(m: int) -> int:
     return -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def plan(n: int, k: int, m: int, compressed: torch.Tensor, dtype: torch.dtype, device: torch.device):
-    """The plan shared by every (N, K) weight at M rows; made on first use, when cuSPARSELt also times its
-    algorithms on these operands and keeps the fastest (unless SINKSERVE_CUSPARSELT_SEARCH=0)."""
+def plan(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device):
+    """The plan shared by every (N, K) weight at M rows, made on first use (never inside a graph capture).
+
+    It runs cuSPARSELt's default algorithm (id 0). Choosing among the others is left for later: on an H200
+    (cuSPARSELt 0.8.0) `cusparseLtMatmulSearch`, and also timing plans made with ids above 0, crashed the
+    process (a segfault; docs/BENCHMARKS.md)."""
     key = (n, k, m, dtype, device.index or 0)
     found = _PLANS.get(key)
     if found is None:
@@ -111,9 +113,6 @@ def plan(n: int, k: int, m: int, compressed: torch.Tensor, dtype: torch.dtype, d
             raise RuntimeError(f"cuSPARSELt plan for N={n} K={k} M={m} was not made before CUDA graph capture; "
                                "warm up every shape first")
         found = extension().Plan(n, k, m, str(dtype).removeprefix("torch."), 0, device.index or 0)
-        if os.environ.get(ENV_SEARCH, "1") != "0":
-            x = torch.randn(m, k, dtype=dtype, device=device)
-            found.search(compressed, x, torch.empty(m, n, dtype=dtype, device=device))
         _PLANS[key] = found
     return found
 
@@ -136,6 +135,6 @@ class CusparseLtWeight:
         rows = padded_rows(m)
         x = torch.nn.functional.pad(x, (0, 0, 0, rows - m)) if rows != m else x.contiguous()
         out = torch.empty(rows, self.n, dtype=self.dtype, device=self.device)
-        plan(self.n, self.k, rows, self.compressed, self.dtype, self.device).run(self.compressed, x, out)
+        plan(self.n, self.k, rows, self.dtype, self.device).run(self.compressed, x, out)
         y = out[:m] if rows != m else out
         return y if bias is None else y + bias

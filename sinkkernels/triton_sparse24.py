@@ -45,7 +45,6 @@ class Tiles:
 
 
 INTERPRETER_TILES = Tiles()
-ENV_EXPAND = "SINKSERVE_TRITON_EXPAND"  # "gather": build the dense tile by gathers (being measured against registers)
 ENV_AUTOTUNE = "SINKSERVE_TRITON_AUTOTUNE"  # "0": fixed tiles by M (no tuning pass per new shape; the CUDA tests)
 
 
@@ -54,7 +53,7 @@ def _sparse24_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_vn, stride_meta_n, stride_ys, stride_ym,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, GATHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # M_BUCKET only keys the autotuner (power of two of M), so tiles are tuned per size class of M.
@@ -73,35 +72,20 @@ def _sparse24_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        if GATHER:
-            # Build the dense (BLOCK_K, BLOCK_N) tile where tl.dot wants it: each position reads its group's
-            # metadata nibble and, where kept, its value (L1-resident gathers; no layout conversion).
-            k_ok = offs_k < K
-            group = offs_k // 4
-            lane = (offs_k % 4)[:, None]
-            tile_ok = k_ok[:, None] & n_ok[None, :]
-            byte = tl.load(meta_ptr + offs_n[None, :] * stride_meta_n + (offs_k // 8)[:, None], mask=tile_ok,
-                           other=0)
-            nibble = (byte.to(tl.int32) >> ((group % 2) * 4)[:, None]) & 15
-            second = (nibble >> 2) == lane
-            kept = ((nibble & 3) == lane) | second
-            w = tl.load(values_ptr + offs_n[None, :] * stride_vn + (group * 2)[:, None] + second.to(tl.int32),
-                        mask=tile_ok & kept, other=0.0)
-        else:
-            # Contiguous, vectorisable loads of the compressed tile: (BLOCK_N, BLOCK_K/2) values and one metadata
-            # nibble per group of 4 (k0 is a multiple of BLOCK_K, itself a multiple of 8).
-            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            values = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                             mask=n_ok[:, None] & (offs_v < K // 2)[None, :], other=0.0)
-            v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_K // 4, 2)))
-            byte = tl.load(meta_ptr + offs_n[:, None] * stride_meta_n + (offs_g // 2)[None, :],
-                           mask=n_ok[:, None] & (offs_g < K // 4)[None, :], other=0)
-            nibble = (byte.to(tl.int32) >> ((offs_g % 2) * 4)[None, :]) & 15
-            # Expand in registers: lane j of group g is v0 where the first kept column is j, v1 where the second is.
-            w = tl.where((nibble & 3)[:, :, None] == lanes, v0[:, :, None],
-                         tl.where((nibble >> 2)[:, :, None] == lanes, v1[:, :, None], tl.zeros_like(v1)[:, :, None]))
-            w = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
+        # Contiguous, vectorisable loads of the compressed tile: (BLOCK_N, BLOCK_K/2) values and one metadata
+        # nibble per group of 4 (k0 is a multiple of BLOCK_K, itself a multiple of 8).
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        values = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                         mask=n_ok[:, None] & (offs_v < K // 2)[None, :], other=0.0)
+        v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_K // 4, 2)))
+        byte = tl.load(meta_ptr + offs_n[:, None] * stride_meta_n + (offs_g // 2)[None, :],
+                       mask=n_ok[:, None] & (offs_g < K // 4)[None, :], other=0)
+        nibble = (byte.to(tl.int32) >> ((offs_g % 2) * 4)[None, :]) & 15
+        # Expand in registers: lane j of group g is v0 where the first kept column is j, v1 where the second is.
+        w = tl.where((nibble & 3)[:, :, None] == lanes, v0[:, :, None],
+                     tl.where((nibble >> 2)[:, :, None] == lanes, v1[:, :, None], tl.zeros_like(v1)[:, :, None]))
+        w = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -202,8 +186,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     dot_fp32 = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
     args = (x, values, meta, bias if bias is not None else y, y, m, n, k, _m_bucket(m),
             x.stride(0), values.stride(0), meta.stride(0), y.stride(0) if split_k > 1 else 0, n)
-    flags = {"HAS_BIAS": bias is not None, "SPLIT_K": split_k, "DOT_FP32": dot_fp32,
-             "GATHER": os.environ.get(ENV_EXPAND, "registers") == "gather"}
+    flags = {"HAS_BIAS": bias is not None, "SPLIT_K": split_k, "DOT_FP32": dot_fp32}
     if tiles is None:
         def tuned_grid(config: dict) -> tuple[int, int, int]:
             return triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k

@@ -91,12 +91,12 @@ class Plan {
     int32_t max_id = 0;
     SINK_CHECK(cusparseLtMatmulAlgGetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id,
                                                sizeof(max_id)));
-    max_alg_id_ = max_id;
     TORCH_CHECK(alg_id >= 0 && alg_id <= max_id, "cuSPARSELt algorithm id ", alg_id, " is outside 0..", max_id);
     int32_t id = static_cast<int32_t>(alg_id);
     SINK_CHECK(cusparseLtMatmulAlgSetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
                                                sizeof(id)));
-    init_plan();
+    SINK_CHECK(cusparseLtMatmulPlanInit(handle(), &plan_, &matmul_, &selection_));
+    SINK_CHECK(cusparseLtMatmulGetWorkspace(handle(), &plan_, &workspace_size_));
     auto bytes = torch::TensorOptions().dtype(at::kByte).device(torch::kCUDA, device);
     workspace_ = torch::empty({static_cast<int64_t>(std::max<size_t>(workspace_size_, 1))}, bytes);
   }
@@ -118,34 +118,9 @@ class Plan {
                                 out.data_ptr(), out.data_ptr(), workspace_.data_ptr(), &stream, 1));
   }
 
-  // Let cuSPARSELt time its algorithms on these operands and keep the fastest; returns its id.
-  int64_t search(const torch::Tensor& compressed, const torch::Tensor& x, torch::Tensor& out) {
-    check(compressed, x, out);
-    float alpha = 1.0f, beta = 0.0f;
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    SINK_CHECK(cusparseLtMatmulSearch(handle(), &plan_, &alpha, compressed.data_ptr(), x.data_ptr(), &beta,
-                                      out.data_ptr(), out.data_ptr(), workspace_.data_ptr(), &stream, 1));
-    int32_t id = 0;
-    SINK_CHECK(cusparseLtMatmulAlgGetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
-                                               sizeof(id)));
-    // the search may have changed the plan's needs: rebuild it around the chosen algorithm
-    cusparseLtMatmulPlanDestroy(&plan_);
-    init_plan();
-    if (workspace_.numel() < static_cast<int64_t>(workspace_size_)) {
-      workspace_ = torch::empty({static_cast<int64_t>(workspace_size_)}, workspace_.options());
-    }
-    return id;
-  }
-
-  int64_t max_alg_id() const { return max_alg_id_; }
   int64_t workspace_bytes() const { return static_cast<int64_t>(workspace_size_); }
 
  private:
-  void init_plan() {
-    SINK_CHECK(cusparseLtMatmulPlanInit(handle(), &plan_, &matmul_, &selection_));
-    SINK_CHECK(cusparseLtMatmulGetWorkspace(handle(), &plan_, &workspace_size_));
-  }
-
   void check(const torch::Tensor& compressed, const torch::Tensor& x, const torch::Tensor& out) const {
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == dtype_ && x.dim() == 2 &&
                     x.size(0) == m_ && x.size(1) == k_,
@@ -159,7 +134,6 @@ class Plan {
 
   int64_t n_, k_, m_;
   at::ScalarType dtype_;
-  int64_t max_alg_id_ = 0;
   size_t workspace_size_ = 0;
   cusparseLtMatDescriptor_t a_, b_, d_;
   cusparseLtMatmulDescriptor_t matmul_;
@@ -184,7 +158,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            pybind11::arg("k"), pybind11::arg("m"), pybind11::arg("dtype"), pybind11::arg("alg_id") = 0,
            pybind11::arg("device") = 0)
       .def("run", &Plan::run)
-      .def("search", &Plan::search)
-      .def_property_readonly("max_alg_id", &Plan::max_alg_id)
       .def_property_readonly("workspace_bytes", &Plan::workspace_bytes);
 }
