@@ -18,18 +18,16 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from sinkkernels.dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, table_key
+from sinkkernels.dispatch import BACKENDS, DEFAULT_TABLE, TABLE_FORMAT, BackendUnavailable, fastest_steps, table_key
 from sinkkernels.sparse24 import Sparse24Linear  # imports the Triton kernel only when a layer uses it, after main() ran
 from sinkkernels.testing import random_24_weight
+from sinkkernels.timing import time_cpu, time_cuda, time_cuda_eager_stream
 
 SHAPES = {  # (out_features N, in_features K) of the linear layers
     "llada-8b": [(4096, 4096), (12288, 4096), (4096, 12288)],
@@ -41,7 +39,6 @@ SMOKE_M_VALUES = (1, 5, 33)
 SMOKE_BACKENDS = ("dense", "triton")
 SMOKE_BANNER = ("CPU SMOKE RUN: a functional check of the dense and Triton-interpreter paths at tiny sizes. "
                 "These timings are NOT performance numbers.")
-L2_FLUSH_BYTES = 256 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -74,68 +71,6 @@ def bytes_moved(m: int, n: int, k: int, backend: str, element: int) -> int:
     """Bytes a product must move at least: x, y and the weight (2:4: half the values + 4 bits per group of 4)."""
     weight = n * k * element if backend == "dense" else n * k // 2 * element + n * k // 8
     return (m * k + m * n) * element + weight
-
-
-def time_cuda(fn: Callable[[], object], warmup: int, reps: int, graph: bool = True) -> float:
-    """Median seconds of `fn` over `reps` runs, each after an L2 flush, timed with CUDA events.
-
-    `graph=True` captures one call in a CUDA graph and times its replay: the GPU's time for the
-    call, without the host's launch overhead (what a serving step that replays graphs pays). The
-    flush before each run also gives the host time to queue the run, so the events bracket GPU work.
-    """
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    run = fn
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        captured = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(captured):
-                fn()
-            run = captured.replay
-        except RuntimeError as error:  # a host synchronisation inside fn: time it eagerly, and say so
-            print(f"warning: CUDA graph capture failed ({str(error).splitlines()[0]}); timing eagerly",
-                  file=sys.stderr)
-            torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def time_cuda_eager_stream(fn: Callable[[], object], calls: int = 20) -> float:
-    """Seconds per call of `calls` back-to-back eager calls, no flush: host launch overhead included."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / calls
-
-
-def time_cpu(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
@@ -187,13 +122,11 @@ def dispatch_plans(rows: list[Row], device_name: str, dtype: torch.dtype) -> dic
     """Fastest backend at each measured M, merged into (max_m, backend) steps per shape."""
     plans: dict[str, list] = {}
     for n, k in sorted({(r.n, r.k) for r in rows}):
-        best: list[tuple[int, str]] = []
-        for m in sorted({r.m for r in rows if (r.n, r.k) == (n, k)}):
-            timed = [r for r in rows if (r.n, r.k, r.m) == (n, k, m) and r.ms is not None]
-            best.append((m, min(timed, key=lambda r: r.ms).backend))
-        steps = [[m, b] for i, (m, b) in enumerate(best) if i + 1 == len(best) or best[i + 1][1] != b]
-        steps[-1][0] = None
-        plans[table_key(device_name, dtype, n, k)] = steps
+        times: dict[int, dict[str, float]] = {}
+        for r in rows:
+            if (r.n, r.k) == (n, k) and r.ms is not None:
+                times.setdefault(r.m, {})[r.backend] = r.ms
+        plans[table_key(device_name, dtype, n, k)] = fastest_steps(times)
     return plans
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.bench_kernels import relative_error, time_cpu, time_cuda
+from benchmarks.bench_kernels import relative_error
+from sinkkernels.timing import time_cpu, time_cuda
 from sinkkernels.dispatch import BACKENDS, BackendUnavailable
 from sinkkernels.swap import swap_sparse_linears
 from sinkprune.calibration import prunable_linears

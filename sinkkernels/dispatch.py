@@ -108,6 +108,22 @@ def table_key(device_name: str, dtype: torch.dtype, out_features: int, in_featur
     return f"{device_name}|{str(dtype).removeprefix('torch.')}|{out_features}x{in_features}"
 
 
+def fastest_steps(times: dict[int, dict[str, float]], dense_margin: float = 0.0) -> list[list]:
+    """(max_m, backend) steps from the time of each backend at each measured M: the fastest per M, where
+    a backend other than dense must beat dense by `dense_margin` (a fraction) to be chosen; consecutive
+    M with the same choice merge, the last step has no bound."""
+    best = []
+    for m in sorted(times):
+        by_backend = times[m]
+        choice = min(by_backend, key=by_backend.get)
+        if "dense" in by_backend and by_backend[choice] > by_backend["dense"] * (1 - dense_margin):
+            choice = "dense"
+        best.append((m, choice))
+    steps = [[m, b] for i, (m, b) in enumerate(best) if i + 1 == len(best) or best[i + 1][1] != b]
+    steps[-1][0] = None
+    return steps
+
+
 def load_table(path: Path | str | None = None) -> dict[str, list]:
     """Plans measured by the benchmark ({key: [[max_m, backend], ...]}), or {} when there is no table."""
     path = Path(path or os.environ.get(ENV_TABLE) or DEFAULT_TABLE)

@@ -76,14 +76,15 @@ class _CutlassRunner:
 class Sparse24Linear(nn.Module):
     """`y = x @ W^T + bias` for a 2:4 sparse W `(out_features, in_features)`; inference only.
 
-    `backend`: None ('auto': SINKSERVE_SPARSE_BACKEND, else the dispatch table, else
-    the default rule) or one of dense, triton, cusparselt, cutlass (forced; raises
+    `backend`: None ('auto': SINKSERVE_SPARSE_BACKEND, else `table`, plans measured on
+    this device by `sinkkernels.measure`, else the committed dispatch table, else the
+    default rule) or one of dense, triton, cusparselt, cutlass (forced; raises
     `BackendUnavailable` if it cannot run here). Build the module on the device and
     dtype it will run in: a later `.to()` rebuilds the backends' weights.
     """
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-                 backend: str | None = None, name: str = "weight") -> None:
+                 backend: str | None = None, name: str = "weight", table: dict[str, list] | None = None) -> None:
         super().__init__()
         out_features, in_features = packed_shape(values, name)
         if bias is not None and (bias.shape != (out_features,) or bias.dtype != values.dtype
@@ -92,6 +93,7 @@ class Sparse24Linear(nn.Module):
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
         self.in_features, self.out_features = in_features, out_features
         self.requested_backend = backend
+        self.table = table
         self.name = name
         self.register_buffer("values", values.detach().contiguous())
         self.register_buffer("meta", meta.detach().contiguous())
@@ -100,24 +102,24 @@ class Sparse24Linear(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None,
-                   name: str = "weight") -> Sparse24Linear:
+                   name: str = "weight", table: dict[str, list] | None = None) -> Sparse24Linear:
         """From a dense 2:4 weight (ValueError naming the row and group that breaks 2:4)."""
         values, meta = pack(weight.detach(), name)
-        return cls(values, meta, bias, backend, name)
+        return cls(values, meta, bias, backend, name, table)
 
     @classmethod
     def from_bitmask(cls, compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor | Sequence[int],
                      bias: torch.Tensor | None = None, backend: str | None = None,
-                     name: str = "weight") -> Sparse24Linear:
+                     name: str = "weight", table: dict[str, list] | None = None) -> Sparse24Linear:
         """From compressed-tensors `sparse-24-bitmask` tensors, without building the dense weight."""
         values, meta = bitmask_to_packed(compressed, bitmask, shape, name)
-        return cls(values, meta, bias, backend, name)
+        return cls(values, meta, bias, backend, name, table)
 
     def _prepare(self) -> None:
         """Validate the packed buffers, choose the plan and build each of its backends' weights."""
         check_packed(self.values, self.meta, self.name)
         self.plan: Plan = plan_for(self.values.device, self.values.dtype, self.out_features, self.in_features,
-                                   self.requested_backend)
+                                   self.requested_backend, self.table)
         self._runners: dict[str, Runner] = {}
         dense = None
         for backend in self.plan.backends:

@@ -41,23 +41,30 @@ def _replace(model: nn.Module, build: Callable[[str, nn.Linear], Sparse24Linear 
     return replaced
 
 
+def sparse_shapes(model: nn.Module) -> set[tuple[int, int]]:
+    """(out_features, in_features) of every nn.Linear whose weight is 2:4: what the dispatch is measured on."""
+    return {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear) and is_24(m.weight)}
+
+
 def swap_sparse_linears(model: nn.Module, backend: str | None = None,
-                        predicate: Predicate | None = None, skip_dense: bool = False) -> list[str]:
+                        predicate: Predicate | None = None, skip_dense: bool = False,
+                        table: dict[str, list] | None = None) -> list[str]:
     """Replace each nn.Linear whose weight is 2:4 (and `predicate(name, linear)` holds) by Sparse24Linear.
 
     Returns the dotted names replaced. Linears that are not 2:4 stay as they are.
     `skip_dense=True` also leaves a layer alone when its plan would run only the
     `dense` backend (on CPU, for instance): the product is the same and nn.Linear
-    holds the weight once, where Sparse24Linear would add the packed copy.
+    holds the weight once, where Sparse24Linear would add the packed copy. `table`:
+    plans measured on this device (`sinkkernels.measure`), else the committed table.
     """
     def build(name: str, linear: nn.Linear) -> Sparse24Linear | None:
         if (predicate is not None and not predicate(name, linear)) or not is_24(linear.weight):
             return None
         weight = linear.weight
         if skip_dense and plan_for(weight.device, weight.dtype, linear.out_features, linear.in_features,
-                                   backend).backends == ("dense",):
+                                   backend, table).backends == ("dense",):
             return None
-        return Sparse24Linear.from_dense(weight, linear.bias, backend=backend, name=f"{name}.weight")
+        return Sparse24Linear.from_dense(weight, linear.bias, backend=backend, name=f"{name}.weight", table=table)
 
     with torch.no_grad():
         return _replace(model, build)

@@ -1,0 +1,104 @@
+"""Dispatch measured on the device that serves; the committed table only seeds it.
+
+When a replica loads a 2:4 model on a GPU, `measured_table` times every usable backend on each of the
+model's linear shapes at the M values its engine produces (`engine_m_values`), keeps the fastest per
+range of M, and caches the plans on disk keyed by device, torch version, dtype, shape and those M values,
+so a later start on the same machine reads them back instead of timing again. A sparse backend must beat
+dense by `DENSE_MARGIN` to be chosen: within the timing noise a pruned layer stays on the dense kernel,
+never slower than `nn.Linear`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dispatch import BACKENDS, TABLE_FORMAT, fastest_steps, table_key, unavailable_reason
+from .sparse24 import Sparse24Linear
+from .testing import random_24_weight
+from .timing import time_cpu, time_cuda
+
+DENSE_MARGIN = 0.03
+ENV_CACHE = "SINKSERVE_DISPATCH_CACHE"
+Timer = Callable[[Callable[[], object], int, int], float]
+
+
+def engine_m_values(max_num_seqs: int, max_tokens_per_step: int, block_length: int = 32) -> list[int]:
+    """The rows (M) of the engine's passes: batch x block for dual-cache block passes (batch 1, 2, 4, ...
+    up to max_num_seqs) and batch x sequence for full passes (powers of two from 64 to max_tokens_per_step)."""
+    batches = sorted({min(2 ** i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
+    full = [2 ** i for i in range(6, max_tokens_per_step.bit_length()) if 2 ** i <= max_tokens_per_step]
+    return sorted({b * block_length for b in batches} | set(full))
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def cache_path(device: torch.device, cache_dir: Path | str | None = None) -> Path:
+    base = Path(cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "sinkserve" / "dispatch")
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
+    return base / f"{slug}-torch{torch.__version__}.json"
+
+
+@dataclass
+class MeasuredTable:
+    """Plans per layer shape ({table_key: steps}), where they came from, and what measuring cost."""
+
+    plans: dict[str, list]
+    path: Path
+    measured: list[str]  # keys timed in this call (the others were read from the cache)
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"plans": self.plans, "cache": str(self.path), "measured_now": self.measured,
+                "measure_seconds": round(self.seconds, 3)}
+
+
+def measure_shape(n: int, k: int, dtype: torch.dtype, device: torch.device, m_values: Iterable[int],
+                  backends: Iterable[str] = BACKENDS, timer: Timer | None = None, warmup: int = 3,
+                  reps: int = 10) -> dict[int, dict[str, float]]:
+    """Seconds of each usable backend on a random 2:4 (n, k) weight at each M."""
+    timer = timer or (time_cuda if device.type == "cuda" else time_cpu)
+    weight = random_24_weight(n, k, dtype, device, seed=n * 7 + k)
+    layers = {b: Sparse24Linear.from_dense(weight, backend=b) for b in backends
+              if unavailable_reason(b, device, dtype, n, k) is None}
+    times: dict[int, dict[str, float]] = {}
+    with torch.inference_mode():
+        for m in m_values:
+            x = torch.randn(m, k, device=device).to(dtype)
+            times[m] = {b: timer(lambda layer=layer: layer(x), warmup, reps) for b, layer in layers.items()}
+    return times
+
+
+def measured_table(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device: torch.device | str,
+                   m_values: list[int], backends: Iterable[str] = BACKENDS, timer: Timer | None = None,
+                   cache_dir: Path | str | None = None) -> MeasuredTable:
+    """Plans for `shapes` on this device: read from the cache where it holds them for these M values,
+    measured (and written back) otherwise."""
+    device = torch.device(device)
+    path = cache_path(device, cache_dir)
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    plans, measured_m = dict(cached.get("plans", {})), dict(cached.get("m_values", {}))
+    started, measured = time.perf_counter(), []
+    wanted = sorted(set(m_values))
+    for n, k in sorted(set(shapes)):
+        key = table_key(device_name(device), dtype, n, k)
+        if measured_m.get(key) == wanted and key in plans:
+            continue
+        times = measure_shape(n, k, dtype, device, wanted, backends, timer)
+        plans[key], measured_m[key] = fastest_steps(times, DENSE_MARGIN), wanted
+        measured.append(key)
+    if measured:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps({"format": TABLE_FORMAT, "plans": plans, "m_values": measured_m}, indent=1))
+        partial.replace(path)
+    keys = {table_key(device_name(device), dtype, n, k) for n, k in shapes}
+    return MeasuredTable({key: plans[key] for key in sorted(keys)}, path, measured, time.perf_counter() - started)
