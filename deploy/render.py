@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sinkprune.cli_args import Parser, error_line
+from sinkprune.cli_args import Parser, add_version_flag, error_line
 
 DEPLOY = Path(__file__).resolve().parent
 # (manifest, key, source, the key's value is a literal block scalar)
@@ -72,6 +72,7 @@ def _find_key(node, key):
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python deploy/render.py", description=__doc__.splitlines()[0])
+    add_version_flag(parser)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a manifest is out of date")
     args = parser.parse_args(argv)
     stale = []

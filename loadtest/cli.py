@@ -19,40 +19,47 @@ from loadtest.prompts import load_prompts
 from loadtest.runner import Phase, run_phase
 from loadtest.summary import SummarySpec, summarize_by_variant
 from loadtest.vllm_flags import add_vllm_flags, summary_spec, validate_load_flags
-from sinkprune.cli_args import Parser, error_line, existing_file
+from sinkprune.cli_args import SEED, Parser, add_version_flag, error_line, existing_file, integer, number, output_dir
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 
 PROG = "python -m loadtest"
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WRITES = ("records.jsonl", "summary.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    add_version_flag(p)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="sinkserve", help="the `model` field of each request")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rates", default=None, help="open loop: comma-separated request rates per second (inf allowed)")
     mode.add_argument("--concurrencies", default=None, help="closed loop: comma-separated concurrencies (default 4)")
     add_vllm_flags(p, mode)
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
-    p.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=int, default=32,
+    p.add_argument("--burstiness", type=number(0, 1000, lo_open=True), default=1.0,
+                   help="gamma shape of inter-arrivals (1 = Poisson)")
+    p.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=integer(1, 10_000_000), default=32,
                    help="per sweep point (--num-prompts: vLLM's name)")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="per sweep point; unsent requests are dropped")
-    p.add_argument("--max-tokens", "--output-len", dest="max_tokens", type=int, default=32,
+    p.add_argument("--max-seconds", type=number(0, 1e7, lo_open=True), default=120.0,
+                   help="per sweep point; unsent requests are dropped")
+    p.add_argument("--max-tokens", "--output-len", dest="max_tokens", type=integer(1, 1_048_576), default=32,
                    help="per request (--output-len: vLLM's name)")
-    p.add_argument("--prompt-words", type=int, default=24)
+    p.add_argument("--prompt-words", type=integer(1, 10_000), default=24,
+                   help="words per prompt cut from the evaluation text")
     p.add_argument("--prompts", default=None, type=existing_file, help="a text file, one prompt per line (default: evaluation text)")
     p.add_argument("--variant", default=None, help="force a variant (x-dlm-variant header); default: the A/B router")
-    p.add_argument("--users", type=int, default=64, help="distinct user ids cycled through (sticky assignment)")
+    p.add_argument("--users", type=integer(1, 10_000_000), default=64,
+                   help="distinct user ids cycled through (sticky assignment)")
     p.add_argument("--chat", action="store_true",
                    help="load /v1/chat/completions (each prompt as one user message) instead of /v1/completions")
     p.add_argument("--extra", "--extra-body", dest="extra", default=None,
                    help="JSON merged into every request body, e.g. '{\"steps\": 16}' (--extra-body: vLLM's name)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--timeout", type=number(0, 1e6, lo_open=True), default=120.0, help="per request, seconds")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs/loadtest", help="must be new or empty (or --overwrite)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--out-dir", default="runs/loadtest", type=output_dir,
+                   help="must be new or empty (or --overwrite, over a previous load test's)")
     add_overwrite_flag(p)
     p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not loopback")
     p.add_argument("--quiet", action="store_true")
@@ -76,8 +83,10 @@ def validate(args) -> None:
         raise ValueError(f"--base-url {args.base_url!r} is not an http(s) URL")
     if host not in LOOPBACK and not args.allow_remote:
         raise ValueError(f"--base-url host {host!r} is not loopback; pass --allow-remote to load a remote endpoint")
-    if args.num_requests < 1 or args.max_seconds <= 0 or args.max_tokens < 1 or args.users < 1:
-        raise ValueError("--num-requests, --max-seconds, --max-tokens and --users must be positive")
+    for name in ("rates", "concurrencies", "variant"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"--{name} {value!r} is empty")
     validate_load_flags(args)
     flag = "--rates" if args.rates else "--concurrencies"
     try:
@@ -85,9 +94,13 @@ def validate(args) -> None:
     except ValueError:
         raise ValueError(f"{flag} {args.rates or args.concurrencies!r} is not a comma-separated list of "
                          f"{'numbers' if args.rates else 'integers'}") from None
+    if not points or len(points) > 1000:
+        raise ValueError(f"{flag} {args.rates or args.concurrencies!r}: give 1 to 1000 sweep points")
     for phase in points:
-        if (phase.rate is not None and not phase.rate > 0) or (phase.concurrency is not None and phase.concurrency < 1):
-            raise ValueError(f"{flag}: rates must be > 0 and concurrencies >= 1")
+        if (phase.rate is not None and not phase.rate > 0) or \
+                (phase.concurrency is not None and not 1 <= phase.concurrency <= 1_000_000):
+            raise ValueError(f"{flag} {args.rates or args.concurrencies!r}: rates must be > 0 (inf allowed) and "
+                             "concurrencies within 1..1000000")
 
 
 def parse_extra(spec: str | None) -> dict | None:
@@ -151,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = summary_spec(args)
         extra = parse_extra(args.extra)
         prompts = load_prompts(args.num_requests, args.prompt_words, args.prompts, args.seed)
-        check_output(args.out_dir, args.overwrite)
+        check_output(args.out_dir, args.overwrite, ours=WRITES)
     except (ValueError, OSError) as err:
         return error_line(PROG, str(err))
-    with staged_output(args.out_dir, args.overwrite) as out:
+    with staged_output(args.out_dir, args.overwrite, ours=WRITES) as out:
         report = asyncio.run(run(args, out, prompts, extra, spec))
     if not args.quiet:
         print_table(report)

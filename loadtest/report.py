@@ -11,17 +11,19 @@ online, from the same scrapes, with the canary's decisions and the live cost
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from loadtest.online import increase, markdown_lines, online_sections, parse_exposition
 from serve.cost import cost_per_million
-from sinkprune.cli_args import Parser, error_line, existing_file
+from sinkprune.cli_args import Parser, add_version_flag, error_line, existing_dir, existing_file, number, output_dir
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 
 PROG = "python -m loadtest.report"
 
 REQUESTS_METRIC = "ray_sinkserve_requests"
 ONLINE_KEYS = ("online_quality", "canary", "live_cost")
+WRITES = ("report.json", "report.md", "latency_vs_throughput.png")
 
 
 def server_counts(exposition: str) -> dict[str, dict[str, float]]:
@@ -148,6 +150,62 @@ def read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{what}: {path} cannot be read as JSON: {err}") from None
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_summary(summary, where: str) -> dict:
+    """A loadtest summary.json of the shape the report reads, or ValueError naming the file and the problem."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("phases"), list) or not summary["phases"]:
+        raise ValueError(f"{where}: not a load-test summary (a JSON object with a non-empty list `phases`)")
+    for i, point in enumerate(summary["phases"]):
+        stats = point.get("summary") if isinstance(point, dict) else None
+        if not isinstance(stats, dict) or not isinstance(stats.get("all"), dict):
+            raise ValueError(f"{where}: phases[{i}] has no `summary` object with `all`")
+        concurrency = point.get("concurrency")
+        if concurrency is not None and not _number(concurrency):
+            raise ValueError(f"{where}: phases[{i}].concurrency {concurrency!r} is not a number")
+        for variant, entry in stats.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: phases[{i}].summary.{variant} is not an object")
+            for key in ("completed", "failed", "request_throughput", "output_throughput"):
+                if not _number(entry.get(key)) or entry[key] < 0:
+                    raise ValueError(f"{where}: phases[{i}].summary.{variant}.{key} {entry.get(key)!r} is not a "
+                                     "number >= 0")
+            for key, value in entry.items():
+                if key.endswith("_ms") and value is not None and not _number(value):
+                    raise ValueError(f"{where}: phases[{i}].summary.{variant}.{key} {value!r} is not a number")
+    return summary
+
+
+def check_manifest(manifest, where: str) -> dict:
+    """The parts of an artifact's sinkprune.json the report reads, or ValueError naming the file."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    quality = manifest.get("quality")
+    if quality is not None:
+        problem = "`quality` is not a map of variants to objects with a numeric `nll`"
+        if not isinstance(quality, dict) or not all(isinstance(e, dict) and _number(e.get("nll"))
+                                                    for e in quality.values()):
+            raise ValueError(f"{where}: {problem}")
+        if "pruned" in quality and "dense" not in quality:
+            raise ValueError(f"{where}: `quality` has `pruned` without `dense`")
+        delta = quality.get("pruned", {}).get("vs_dense", {})
+        if not isinstance(delta, dict) or not all(_number(v) for k, v in delta.items() if k.startswith("delta_nll")):
+            raise ValueError(f"{where}: `quality.pruned.vs_dense` is not an object of numbers")
+    for key in ("method", "pattern"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise ValueError(f"{where}: `{key}` is not a string")
+    return manifest
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path}: cannot be read as text: {err}") from None
+
+
 def load_inputs(args) -> tuple[list[dict], dict | None, dict | None, dict | None]:
     """The load-test runs, the artifact's manifest, the server's counts and its online sections
     named on the command line."""
@@ -156,16 +214,19 @@ def load_inputs(args) -> tuple[list[dict], dict | None, dict | None, dict | None
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
             raise ValueError(f"--run {spec!r} is not VARIANT=DIR (e.g. dense=runs/load_dense)")
-        summary = read_json(Path(directory) / "summary.json", f"--run {spec}")
+        summary = check_summary(read_json(Path(directory) / "summary.json", f"--run {spec}"),
+                                f"--run {spec}: {Path(directory) / 'summary.json'}")
         phases.append({**summary, "variant_forced": None if name == "routed" else name})
     manifest = None
     if args.pruned_artifact:
-        manifest = read_json(Path(args.pruned_artifact) / "sinkprune.json", "--pruned-artifact")
+        path = Path(args.pruned_artifact) / "sinkprune.json"
+        manifest = check_manifest(read_json(path, "--pruned-artifact"), f"--pruned-artifact {path}")
     server = online = None
     if bool(args.metrics_before) != bool(args.metrics_after):
         raise ValueError("--metrics-before and --metrics-after go together (the report counts what happened between)")
     if args.metrics_before:
-        before, after = Path(args.metrics_before).read_text(), Path(args.metrics_after).read_text()
+        before = _read_text(args.metrics_before, "--metrics-before")
+        after = _read_text(args.metrics_after, "--metrics-after")
         try:
             server = count_delta(server_counts(before), server_counts(after))
             online = online_sections(before, after)
@@ -176,24 +237,27 @@ def load_inputs(args) -> tuple[list[dict], dict | None, dict | None, dict | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    add_version_flag(parser)
     parser.add_argument("--run", action="append", required=True,
                         help="VARIANT=DIR or routed=DIR: a loadtest --out-dir (VARIANT: the forced variant)")
-    parser.add_argument("--pruned-artifact", default=None, help="its sinkprune.json gives the quality")
+    parser.add_argument("--pruned-artifact", default=None, type=existing_dir,
+                        help="its sinkprune.json gives the quality")
     parser.add_argument("--metrics-before", default=None, type=existing_file)
     parser.add_argument("--metrics-after", default=None, type=existing_file)
-    parser.add_argument("--price-per-hour", type=float, default=1.0)
+    parser.add_argument("--price-per-hour", type=number(0, 1e6), default=1.0)
     parser.add_argument("--price-unit", default="USD per CPU-hour")
-    parser.add_argument("--out-dir", default="runs/report", help="must be new or empty (or --overwrite)")
+    parser.add_argument("--out-dir", default="runs/report", type=output_dir,
+                        help="must be new or empty (or --overwrite, over a previous report)")
     add_overwrite_flag(parser)
     args = parser.parse_args(argv)
     try:
-        check_output(args.out_dir, args.overwrite)
+        check_output(args.out_dir, args.overwrite, ours=WRITES)
         phases, manifest, server, online = load_inputs(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         return error_line(PROG, str(err))
     report = build_report(phases, manifest, server, args.price_per_hour, args.price_unit, online)
     table = markdown(report)
-    with staged_output(args.out_dir, args.overwrite) as out:
+    with staged_output(args.out_dir, args.overwrite, ours=WRITES) as out:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "report.md").write_text(table)
         written = ["report.md", "report.json"]

@@ -6,6 +6,7 @@ import argparse
 import math
 
 from loadtest.summary import GOODPUT_METRICS, METRICS, SummarySpec
+from sinkprune.cli_args import integer, number
 
 VLLM_DEFAULT_METRICS = "ttft,tpot,itl"  # vLLM's default for a generative model
 VLLM_DEFAULT_PERCENTILES = "99"
@@ -13,9 +14,9 @@ VLLM_DEFAULT_PERCENTILES = "99"
 
 def add_vllm_flags(parser: argparse.ArgumentParser, mode: argparse._MutuallyExclusiveGroup) -> None:
     """`--request-rate` joins the group that picks the load mode (`mode`); the rest stand beside it."""
-    mode.add_argument("--request-rate", type=float, default=None,
+    mode.add_argument("--request-rate", type=number(0, math.inf, lo_open=True, allow_inf=True), default=None,
                       help="vLLM's flag: one open-loop point at this rate per second (inf: all at once)")
-    parser.add_argument("--max-concurrency", type=int, default=None,
+    parser.add_argument("--max-concurrency", type=integer(1, 1_000_000), default=None,
                         help="vLLM's flag: at most this many requests in flight; caps --request-rate / --rates, "
                              "or alone runs a closed loop at this concurrency")
     parser.add_argument("--percentile-metrics", default=None,

@@ -10,6 +10,7 @@ the system's temp dir) and removed on exit, with every process still running fro
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -187,15 +188,41 @@ def read_router_config(path: str) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"--router-config {path}: cannot be read as YAML: {err}") from None
+        config = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"--router-config {path}: cannot be read as YAML{where}: {what}") from None
     if not isinstance(config, dict):
         raise ValueError(f"--router-config {path}: must be a mapping of {', '.join(ROUTER_KEYS)}")
-    unknown = sorted(set(config) - set(ROUTER_KEYS))
+    unknown = sorted(set(map(str, config)) - set(ROUTER_KEYS))
     if unknown:
         raise ValueError(f"--router-config {path}: unknown keys {unknown}; allowed: {', '.join(ROUTER_KEYS)}")
+    bad = _non_finite(config)
+    if bad:
+        raise ValueError(f"--router-config {path} {bad[0]}: {bad[1]} is not a finite number")
+    weights = config.get("weights")
+    if isinstance(weights, dict):
+        for name, weight in weights.items():
+            if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight < 0:
+                raise ValueError(f"--router-config {path} weights.{name}: {weight} is negative; weights are >= 0")
+        numbers = [w for w in weights.values() if isinstance(w, (int, float)) and not isinstance(w, bool)]
+        if numbers and len(numbers) == len(weights) and not any(numbers):
+            raise ValueError(f"--router-config {path} weights: all are 0, so no variant would get traffic")
     return config
+
+
+def _non_finite(node, where: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or infinite number in a parsed YAML document, or None."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return where or "(top level)", node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def main() -> None:
@@ -203,25 +230,31 @@ def main() -> None:
 
     from serve.app import AppArgs
     from serve.router_config import RouterSettings
-    from sinkprune.cli_args import Parser, error_line, existing_file, port_number
+    from serve.schemas import MAX_TOKENS_LIMIT
+    from sinkprune.cli_args import (Parser, add_version_flag, error_line, existing_file, integer, nonempty_path,
+                                    port_number)
     from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
 
     parser = Parser(prog="python -m serve.local",
                     description="serve a dense and a pruned variant locally until Ctrl-C or SIGTERM")
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--pruned", default=None, help="a pruned artifact directory")
+    add_version_flag(parser)
+    parser.add_argument("--model", default="embedded", type=nonempty_path)
+    parser.add_argument("--pruned", default=None, type=nonempty_path, help="a pruned artifact directory")
     parser.add_argument("--port", type=port_number, default=8000)
-    parser.add_argument("--metrics-port", type=port_number, default=8080)
-    parser.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask "
-                        "(default: the API's limit)")
-    parser.add_argument("--max-body-bytes", type=int, default=None, help="request bodies over it get 413 "
-                        "(default: 1 MiB)")
-    parser.add_argument("--host", default=LOOPBACK, help="HTTP bind address; 0.0.0.0 exposes the API to the network "
-                        "(Ray itself stays on loopback)")
+    parser.add_argument("--metrics-port", type=port_number, default=8080, help="must differ from --port")
+    parser.add_argument("--max-tokens", type=integer(1, MAX_TOKENS_LIMIT), default=None,
+                        help="largest max_tokens a request may ask (default: the API's limit)")
+    parser.add_argument("--max-body-bytes", type=integer(1024, 1 << 30), default=None,
+                        help="request bodies over it get 413 (default: 1 MiB)")
+    parser.add_argument("--host", default=LOOPBACK, type=nonempty_path,
+                        help="HTTP bind address; 0.0.0.0 exposes the API to the network (Ray itself stays on loopback)")
     parser.add_argument("--router-config", type=existing_file, default=None,
-                        help="YAML or JSON of the router's decisions: weights, sticky, shadow, quality, cost, canary "
-                        "(docs/ROLLOUT.md)")
+                        help="YAML or JSON of the router's decisions: weights (>= 0), sticky, shadow, quality, cost, "
+                        "canary (docs/ROLLOUT.md)")
     args = parser.parse_args()
+    if args.port == args.metrics_port:
+        raise SystemExit(error_line(parser.prog, f"--port {args.port} and --metrics-port {args.metrics_port} are the "
+                                                 "same port: the API and the metrics need one each"))
     try:
         for model in filter(None, (args.model, args.pruned)):
             resolve_model_dir(model)

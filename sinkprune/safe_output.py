@@ -2,8 +2,15 @@
 
 Every command that writes a directory goes through `staged_output`:
 
+- an empty path, the current directory, a parent of it, the home directory (or a
+  parent of it) and `/` are always refused: `--out-dir ""`, `.`, `..`, `~` or a
+  symlink to the working directory never replace it;
 - an existing non-empty output directory is refused (`OutputError`, naming it)
-  unless the user passed `--overwrite`;
+  unless the user passed `--overwrite`, and even then it is replaced only when it
+  holds a previous output of ours and nothing else: a pruned artifact whose
+  `sinkprune.json` lists every other file in it, or (for commands that write
+  fixed names: reports, load tests, tokenizers, ...) only the names that command
+  writes. A directory holding anything else is refused, naming what it holds;
 - an output equal to, inside, or containing a source (the model being pruned,
   the run being shipped) is always refused, `--overwrite` or not;
 - the command writes into a temporary sibling (`.NAME.partial-XXXX`, in the same
@@ -16,14 +23,17 @@ Every command that writes a directory goes through `staged_output`:
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-OVERWRITE_HELP = "replace a non-empty output directory (never a source model's)"
+OVERWRITE_HELP = ("replace a non-empty output directory that holds a previous output of this command and nothing "
+                  "else (never a source model's, never other files)")
+MANIFEST = "sinkprune.json"  # as sinkprune.dlm.artifact_io.MANIFEST (not imported: that pulls in torch)
 
 
 class OutputError(ValueError):
@@ -36,9 +46,63 @@ def _umask() -> int:
     return mask
 
 
-def check_output(out: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Path:
-    """The resolved output path, or OutputError if writing there could lose data."""
+def _protected(path: Path) -> str | None:
+    """Why `path` (resolved) must never be an output directory, or None."""
+    cwd, home = Path.cwd().resolve(), Path.home().expanduser().resolve()
+    if path == cwd:
+        return "is the current directory"
+    if path in cwd.parents:
+        return "contains the current directory"
+    if path == home:
+        return "is the home directory"
+    if path in home.parents:
+        return "contains the home directory"
+    return None
+
+
+def manifest_files(directory: Path) -> set[str] | None:
+    """The file names a pruned artifact's `sinkprune.json` lists (with itself), or None when there is
+    no readable manifest of that shape."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files) | {MANIFEST}
+
+
+def foreign_entries(directory: Path, ours: Collection[str] | None = None) -> list[str]:
+    """What in `directory` is not a previous output of ours (sorted names, `/` after directories).
+
+    `ours=None`: a pruned artifact, recognised by its manifest: every entry is a file listed in
+    `sinkprune.json`. Otherwise every entry must bear one of the names in `ours` (what the command
+    writes)."""
+    allowed = (manifest_files(directory) or set()) if ours is None else set(ours)
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name in allowed and (ours is not None or (entry.is_file() and not entry.is_symlink())):
+            continue
+        foreign.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return foreign
+
+
+def check_output(out: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = (),
+                 ours: Collection[str] | None = None) -> Path:
+    """The resolved output path, or OutputError if writing there could lose data.
+
+    `ours`: the names the command writes into the directory, so `overwrite` may replace one
+    holding only those; None (pruned artifacts): only a directory whose `sinkprune.json` lists
+    everything in it."""
+    if not str(out).strip():
+        raise OutputError(f"output directory {str(out)!r} is an empty path (it would mean the current directory); "
+                          "name a directory")
     path = Path(out).expanduser().resolve()
+    reason = _protected(path)
+    if reason:
+        raise OutputError(f"output directory {out} ({path}) {reason}: refusing to write there, "
+                          "--overwrite or not; name a new directory")
     for source in sources:
         src = Path(source).expanduser().resolve()
         if path == src or src in path.parents:
@@ -48,8 +112,16 @@ def check_output(out: str | Path, overwrite: bool = False, sources: Iterable[str
             raise OutputError(f"output directory {path} contains the source {src}: refusing to write there")
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OutputError(f"output directory {path} is not empty; pass --overwrite to replace it")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output directory {path} is not empty; pass --overwrite to replace it")
+        foreign = foreign_entries(path, ours)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            what = (f"is not a pruned artifact whose {MANIFEST} lists everything in it" if ours is None
+                    else "holds what this command does not write")
+            raise OutputError(f"output directory {path} {what} ({shown}): --overwrite replaces only a previous "
+                              "output of ours; remove it yourself or name another directory")
     return path
 
 
@@ -67,18 +139,19 @@ def normalize_permissions(root: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+def staged_output(out: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = (),
+                  ours: Collection[str] | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes `out`, on any error it is removed.
 
-    The checks of `check_output` run on entry (before any work) and again at the
+    The checks of `check_output` (with `ours`) run on entry (before any work) and again at the
     rename, so a directory filled by someone else meanwhile is not replaced."""
     sources = list(sources)
-    path = check_output(out, overwrite, sources)
+    path = check_output(out, overwrite, sources, ours)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield staging
-        check_output(path, overwrite, sources)
+        check_output(path, overwrite, sources, ours)
         normalize_permissions(staging)
         _publish(staging, path)
     except BaseException:

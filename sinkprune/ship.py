@@ -38,7 +38,11 @@ def ship(run_dir: str | Path, out_dir: str | Path, eval_windows: int = 64, sampl
     summary = training_summary(run_dir)
     untrained = build_model(model.config)
     init_weights(untrained, summary["train_config"]["init_std"], summary["train_config"]["seed"])
-    windows = text_windows(tokenizer, "evaluation", eval_windows, summary["train_config"].get("seq_len", 256))
+    seq_len = summary["train_config"].get("seq_len", 256)
+    windows = text_windows(tokenizer, "evaluation", eval_windows, seq_len)
+    if len(windows) < eval_windows:
+        raise ValueError(f"--eval-windows {eval_windows}: the evaluation split holds only {len(windows)} windows of "
+                         f"{seq_len} tokens (the run's sequence length); ask for at most {len(windows)}")
     results = {name: estimate_nll(m, windows, samples=samples, seed=0, progress=True)
                for name, m in (("untrained", untrained), ("trained_fp32", model), ("shipped", shipped))}
     completions = {}

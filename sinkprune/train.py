@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sinkprune.dlm.config import DLMConfig
 from sinkprune.dlm.diffusion import add_noise
-from sinkprune.dlm.loading import build_model, save_model
+from sinkprune.dlm.loading import build_model, save_model, saved_model_names
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.safe_output import staged_output
 
@@ -175,7 +175,7 @@ def train(
                 break
     finished = step + 1 >= cfg.steps
     if finished and tokenizer is not None:
-        with staged_output(out / FINAL, overwrite=True) as staging:
+        with staged_output(out / FINAL, overwrite=True, ours=saved_model_names(out / FINAL)) as staging:
             save_model(model, staging, tokenizer=tokenizer)
     return {"steps_done": step + 1, "finished": finished, "elapsed_s": time.monotonic() - began,
             "eval_loss": eval_loss(model, eval_windows, cfg.seed)}

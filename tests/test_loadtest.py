@@ -130,7 +130,8 @@ def test_open_loop_stops_at_its_time_limit():
 def test_cli_refuses_remote_targets_and_bad_numbers(capsys):
     assert loadtest_main(["--base-url", "http://10.1.2.3:8000"]) == 2
     assert "not loopback" in capsys.readouterr().err
-    assert loadtest_main(["--num-requests", "0"]) == 2
+    assert _exit_code(["--num-requests", "0"]) == 2  # refused while parsing (SystemExit), naming the range
+    assert "argument --num-requests/--num-prompts: 0 is outside 1..10000000" in capsys.readouterr().err
     assert loadtest_main(["--extra", "{bad json"]) == 2
 
 

@@ -156,7 +156,7 @@ def test_cli_exits_2_with_a_message_on_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sinkprune", "generate", "--prompt", "x", "--gen-length", "10",
                           "--block-length", "4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "multiple of block_length" in out.stderr
+    assert "--gen-length 10 must be a multiple of --block-length 4" in out.stderr
     out = subprocess.run([sys.executable, "-m", "sinkprune", "generate", "--prompt", "x", "--cache", "dual",
                           "--cfg-scale", "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--cfg-scale" in out.stderr

@@ -32,7 +32,12 @@ def test_a_non_empty_output_is_refused_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("precious")
     with pytest.raises(OutputError, match=rf"{out} is not empty; pass --overwrite"):
         check_output(out)
-    assert check_output(out, overwrite=True) == out.resolve()
+    # --overwrite replaces only what the command itself writes (here: report.md), never other files
+    with pytest.raises(OutputError, match=r"holds what this command does not write \(keep.txt\)"):
+        check_output(out, overwrite=True, ours=["report.md"])
+    with pytest.raises(OutputError, match=r"not a pruned artifact whose sinkprune.json lists everything in it"):
+        check_output(out, overwrite=True)
+    assert check_output(out, overwrite=True, ours=["keep.txt", "report.md"]) == out.resolve()
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is not a directory"):
         check_output(tmp_path / "file", overwrite=True)
@@ -52,7 +57,7 @@ def test_a_failed_write_leaves_the_old_directory_as_it_was_and_no_partial(tmp_pa
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with staged_output(out, overwrite=True) as staging:
+        with staged_output(out, overwrite=True, ours=["old.txt"]) as staging:
             (staging / "half.bin").write_bytes(b"half")
             raise RuntimeError("killed half-way")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
@@ -76,15 +81,27 @@ def test_a_killed_run_leaves_no_half_artifact(tmp_path):
 
 
 def test_overwrite_replaces_the_whole_directory_no_stale_shard_or_index(tmp_path):
+    """--overwrite replaces a previous artifact (recognised by its manifest, which lists every
+    file in it) as a whole; a directory holding anything else is refused and left as it was."""
+    from sinkprune.dlm.artifact_io import sha256_file
+
     model = _model_24()
     out = tmp_path / "artifact"
-    save_model(model, out, max_shard_bytes=20_000)  # old dense shards + index
-    (out / "notes.txt").write_text("unrelated")
+    save_model(model, out, max_shard_bytes=20_000)  # old dense shards + index, no manifest: not ours
     before = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" in before
     with pytest.raises(OutputError, match="not empty"):
         write_artifact(model, out, None, {"pattern": "2:4"})
+    with pytest.raises(OutputError, match="not a pruned artifact whose sinkprune.json lists everything"):
+        write_artifact(model, out, None, {"pattern": "2:4"}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before  # refused: untouched
+    # an earlier artifact of ours, sharded: its manifest lists every file
+    (out / MANIFEST).write_text(json.dumps({"pattern": "2:4", "files": {n: sha256_file(out / n) for n in before}}))
+    (out / "notes.txt").write_text("unrelated")
+    with pytest.raises(OutputError, match=r"\(notes.txt\): --overwrite replaces only a previous output of ours"):
+        write_artifact(model, out, None, {"pattern": "2:4"}, overwrite=True)
+    assert (out / "notes.txt").read_text() == "unrelated"
+    (out / "notes.txt").unlink()
     write_artifact(model, out, None, {"pattern": "2:4"}, overwrite=True)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors", MANIFEST]

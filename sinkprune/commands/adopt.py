@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 
-from sinkprune.cli_args import device
+from sinkprune.cli_args import device, nonempty_path, output_dir
 from sinkprune.safe_output import add_overwrite_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adopt", help="write a verified artifact (with sinkprune.json) from a 2:4 checkpoint of "
                                      "another tool", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the checkpoint directory (sparse-24-bitmask, no sinkprune.json)")
-    p.add_argument("--out-dir", required=True, help="the new artifact; must be new or empty (or --overwrite)")
+    p.add_argument("--model", required=True, type=nonempty_path,
+                   help="the checkpoint directory (sparse-24-bitmask, no sinkprune.json)")
+    p.add_argument("--out-dir", required=True, type=output_dir,
+                   help="the new artifact; must be new or empty (or --overwrite, over a previous artifact)")
     add_overwrite_flag(p)
     p.add_argument("--device", default="cpu", type=device)
     p.set_defaults(func=run)

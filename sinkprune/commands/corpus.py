@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sinkprune.cli_args import integer, as_path
 from sinkprune.data import corpus, tokenizer
 from sinkprune.safe_output import add_overwrite_flag
 
@@ -16,13 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build the English documentation corpus from Debian packages",
         description=corpus.__doc__.splitlines()[0],
     )
-    build.add_argument("--out-dir", type=Path, default=corpus.DEFAULT_OUT_DIR,
+    build.add_argument("--out-dir", type=as_path, default=corpus.DEFAULT_OUT_DIR,
                        help="where train.txt and stats.json go (default: %(default)s)")
-    build.add_argument("--cache-dir", type=Path, default=corpus.DEFAULT_CACHE_DIR,
+    build.add_argument("--cache-dir", type=as_path, default=corpus.DEFAULT_CACHE_DIR,
                        help="downloaded and extracted .deb files (default: %(default)s)")
     build.add_argument("--packages", nargs="+", default=list(corpus.DEFAULT_PACKAGES),
                        metavar="PKG", help="Debian documentation packages (default: %(default)s)")
-    build.add_argument("--heldout-dir", type=Path, default=corpus.PACKAGE_CORPUS_DIR,
+    build.add_argument("--heldout-dir", type=as_path, default=corpus.PACKAGE_CORPUS_DIR,
                        help="where calibration/evaluation .txt.gz go (default: the package data)")
     add_overwrite_flag(build)
     build.set_defaults(func=run_build_corpus)
@@ -32,12 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train the byte-level BPE tokenizer on the training corpus",
         description=tokenizer.__doc__.splitlines()[0],
     )
-    train.add_argument("--train", type=Path, default=corpus.DEFAULT_OUT_DIR / "train.txt",
+    train.add_argument("--train", type=as_path, default=corpus.DEFAULT_OUT_DIR / "train.txt",
                        help="corpus file to train on (default: %(default)s)")
-    train.add_argument("--out-dir", type=Path, default=Path("runs/tokenizer"),
+    train.add_argument("--out-dir", type=as_path, default=Path("runs/tokenizer"),
                        help="output directory (default: %(default)s; the shipped one is "
                        "sinkprune/data/tokenizer)")
-    train.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
+    train.add_argument("--vocab-size", type=integer(tokenizer.MIN_VOCAB_SIZE, 1_048_576),
+                       default=tokenizer.DEFAULT_VOCAB_SIZE,
                        help="vocabulary size including special tokens (default: %(default)s)")
     add_overwrite_flag(train)
     train.set_defaults(func=run_train_tokenizer)
@@ -69,9 +71,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     if not args.train.is_file():
         raise UsageError(f"--train: {args.train} not found; build it with "
                          f"`{corpus.BUILD_COMMAND}` or pass a text file")
-    if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:
-        raise UsageError(f"--vocab-size must be at least {tokenizer.MIN_VOCAB_SIZE}")
-    with staged_output(args.out_dir, args.overwrite) as staging:
+    with staged_output(args.out_dir, args.overwrite, ours=tokenizer.WRITES) as staging:
         tokenizer.train_tokenizer(args.train, staging, args.vocab_size)
     print(f"tokenizer written to {args.out_dir}")
     return 0

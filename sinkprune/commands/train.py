@@ -7,31 +7,33 @@ from pathlib import Path
 
 import numpy as np
 
-from sinkprune.cli_args import device, existing_file
+from sinkprune.cli_args import SEED, device, existing_dir, existing_file, integer, number, output_dir
 from sinkprune.data.tokenizer import PACKAGE_TOKENIZER_DIR
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a small masked-diffusion LM (the embedded default) from scratch")
-    p.add_argument("--out-dir", default="runs/train",
+    p.add_argument("--out-dir", default="runs/train", type=output_dir,
                    help="checkpoints, log and final model; a run there is resumed, any other content refused")
     p.add_argument("--train", default=None, type=existing_file, help="training text (default: runs/corpus/train.txt, see build-corpus)")
-    p.add_argument("--tokenizer", default=str(PACKAGE_TOKENIZER_DIR))
-    p.add_argument("--d-model", type=int, default=384)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--mlp-hidden", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=str(PACKAGE_TOKENIZER_DIR), type=existing_dir)
+    p.add_argument("--d-model", type=integer(2, 65536), default=384,
+                   help="divisible by --heads, into an even head size")
+    p.add_argument("--layers", type=integer(1, 1024), default=6)
+    p.add_argument("--heads", type=integer(1, 1024), default=6)
+    p.add_argument("--mlp-hidden", type=integer(1, 1_048_576), default=1024)
+    p.add_argument("--seq-len", type=integer(2, 65536), default=256)
+    p.add_argument("--steps", type=integer(1, 100_000_000), default=4000)
+    p.add_argument("--batch-size", type=integer(1, 65536), default=16)
+    p.add_argument("--lr", type=number(0, 10, lo_open=True), default=2e-3)
+    p.add_argument("--warmup", type=integer(0, 100_000_000), default=200)
+    p.add_argument("--eval-every", type=integer(1, 100_000_000), default=200)
+    p.add_argument("--checkpoint-every", type=integer(1, 100_000_000), default=100)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (3x faster on CPUs with AVX512-BF16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--max-minutes", type=number(0, 1e7, lo_open=True), default=None,
+                   help="checkpoint and stop after this long")
     p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--overwrite", action="store_true",
                    help="start from scratch: replace the out-dir (a run in it is discarded, not resumed)")
@@ -60,20 +62,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
-    if args.seq_len < 2 or args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--seq-len must be >= 2, --steps and --batch-size >= 1")
+    if (args.d_model // args.heads) % 2:
+        raise UsageError(f"--d-model {args.d_model} / --heads {args.heads} = {args.d_model // args.heads}: the head "
+                         "size must be even (rotary embeddings)")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise UsageError(f"no tokenizer.json in {args.tokenizer} (run `sinkprune train-tokenizer`)")
     tokenizer = load_tokenizer(args.tokenizer)
     out = Path(args.out_dir)
     sources = [args.tokenizer] + ([args.train] if args.train else [])
-    check_output(out, overwrite=True, sources=sources)
-    if args.overwrite and out.exists():
-        with staged_output(out, overwrite=True, sources=sources):
-            pass  # the run directory is replaced by an empty one
-    elif out.exists() and not is_run_dir(out):
+    present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    # the checks that hold whatever the directory holds (a source, the current directory, home); its content next
+    check_output(out, overwrite=True, sources=sources, ours=present)
+    if out.exists() and not is_run_dir(out):
         raise UsageError(f"output directory {out} holds files that `sinkprune train` did not write; "
-                         "pass --overwrite to replace it, or choose another --out-dir")
+                         "--overwrite replaces only a run of ours: remove them yourself or choose another --out-dir")
+    if args.overwrite and out.exists():
+        with staged_output(out, overwrite=True, sources=sources, ours=present):
+            pass  # the run directory (nothing but a run, checked above) is replaced by an empty one
     out.mkdir(parents=True, exist_ok=True)
     try:
         train_windows = _windows(args.train, "train", tokenizer, args.seq_len, out / "train_tokens.npy")

@@ -480,7 +480,9 @@ def build_corpus(
     from sinkprune.safe_output import staged_output
 
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
-    with staged_output(out_dir, overwrite) as staging:
+    heldout_here = [f"{name}.txt.gz" for name in HELDOUT_SPLITS] if heldout_dir is None else []
+    writes = ["train.txt", "stats.json", *heldout_here]  # what --overwrite may replace
+    with staged_output(out_dir, overwrite, ours=writes) as staging:
         return _build(staging, out_dir, cache_dir, packages, progress,
                       Path(heldout_dir) if heldout_dir is not None else None, overwrite)
 

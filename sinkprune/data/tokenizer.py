@@ -27,6 +27,7 @@ SPECIAL_TOKENS = {
 BOS_ID, EOS_ID, MASK_ID, PAD_ID = range(4)
 DEFAULT_VOCAB_SIZE = 4096
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+WRITES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what train_tokenizer saves
 PACKAGE_TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 
 

@@ -48,10 +48,21 @@ def verify_manifest(model_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path} is not UTF-8 text: {err}") from err
+    except (OSError, ValueError, RecursionError) as err:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from err
-    for name, expected in manifest.get("files", {}).items():
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(manifest).__name__}, not an object")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: `files` is a JSON {type(files).__name__}, not an object of file name -> sha256")
+    for name, expected in files.items():
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ArtifactError(f"{path}: `files` lists {name!r}, not a file name in the artifact directory")
+        if not isinstance(expected, str):
+            raise ArtifactError(f"{path}: the sha256 of {name} is a JSON {type(expected).__name__}, not a string")
         file = model_dir / name
         if not file.is_file():
             raise ArtifactError(f"artifact file {name} listed in {MANIFEST} is missing from {model_dir}")

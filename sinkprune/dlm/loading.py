@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
-from sinkprune.dlm.errors import ModelLoadError
+from sinkprune.dlm.errors import ConfigError, ModelLoadError
 from sinkprune.dlm.hf_files import make_tokenizer_config_portable, write_hf_files
 from sinkprune.dlm.llada import LLaDAModelLM
 from sinkprune.dlm.model import DiffusionLM
@@ -33,6 +33,9 @@ ARCHITECTURES: dict[str, type[DiffusionLM]] = {LLADA: LLaDAModelLM, DREAM: Dream
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EMBEDDED_NAME = "embedded"
+# what save_model writes (without a source_dir's remote code), less the weight shards: see saved_model_names
+SAVED_FILES = ("config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE, "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 2 * 2**30  # shards of 2 GiB, like the public checkpoints' few-GB files
 
 
@@ -65,8 +68,8 @@ def resolve_model_dir(path_or_name: str | Path) -> Path:
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or ModelLoadError naming the file."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ModelLoadError(f"{path} cannot be read as JSON: {err}") from err
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} does not hold a JSON object")
@@ -74,7 +77,17 @@ def read_json(path: Path) -> dict:
 
 
 def read_config(model_dir: Path) -> DLMConfig:
-    return DLMConfig.from_hf_config(read_json(model_dir / "config.json"))
+    return config_from(model_dir / "config.json", read_json(model_dir / "config.json"))
+
+
+def config_from(path: Path, hf_config: dict) -> DLMConfig:
+    """The DLMConfig of the config.json at `path` (its dtype checked too); ConfigError naming the file."""
+    try:
+        config = DLMConfig.from_hf_config(hf_config)
+        config_dtype(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return config
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -84,6 +97,9 @@ def weight_files(model_dir: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index} has no weight_map")
+        for name in weight_map.values():
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                raise ModelLoadError(f"{index}: weight_map names {name!r}, not a file name in {model_dir}")
         shards = sorted(set(weight_map.values()))
         files = [model_dir / name for name in shards]
     elif (model_dir / SINGLE_FILE).is_file():
@@ -123,9 +139,15 @@ def check_state_dict(model: DiffusionLM, state: dict[str, torch.Tensor]) -> None
             raise ModelLoadError(f"tensor {name} has shape {tuple(state[name].shape)}, the config expects {shape}")
 
 
+STORED_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def config_dtype(config: DLMConfig) -> torch.dtype:
     name = config.hf_config.get("torch_dtype") or config.hf_config.get("dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""))
+    name = str(name).replace("torch.", "")
+    if name not in STORED_DTYPES:
+        raise ConfigError(f"torch_dtype {name!r} is not one of {', '.join(STORED_DTYPES)}")
+    return getattr(torch, name)
 
 
 def load_model(
@@ -149,7 +171,7 @@ def load_model(
     index = [model_dir / INDEX_FILE] if (model_dir / INDEX_FILE).is_file() else []
     verify_model_dir(model_dir, hf_config, lambda: [model_dir / "config.json", *index, *weight_files(model_dir)],
                      allow_unverified)
-    config = DLMConfig.from_hf_config(hf_config)
+    config = config_from(model_dir / "config.json", hf_config)
     files = weight_files(model_dir)
     dtype = dtype or config_dtype(config)
     model = build_model(config, device="meta", dtype=dtype)
@@ -181,6 +203,14 @@ def load_tokenizer(model_dir: str | Path):
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
         raise ModelLoadError(f"no usable tokenizer in {model_dir}: {err}") from err
+
+
+def saved_model_names(directory: str | Path) -> list[str]:
+    """The names save_model writes (SAVED_FILES) with the weight shards now in `directory`: what an
+    `--overwrite` of a model directory written by us may replace."""
+    directory = Path(directory).expanduser()
+    shards = [p.name for p in directory.glob("model-*-of-*.safetensors")] if directory.is_dir() else []
+    return [*SAVED_FILES, *shards]
 
 
 def save_model(
