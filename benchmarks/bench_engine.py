@@ -116,15 +116,17 @@ def prompts_for(model, tokenizer, count: int, length: int, seed: int) -> list[li
 
 
 async def run_engine(model, tokenizer, requests: list[GenerationRequest], concurrency: int, label: str,
-                     repeats: int = 1) -> Measured:
+                     repeats: int = 1, config: EngineConfig | None = None) -> Measured:
     """`concurrency` clients, each sending its next request as soon as the last one returns;
-    of `repeats` runs, the one with the median wall time (a shared machine is noisy)."""
-    runs = [await _engine_once(model, tokenizer, requests, concurrency, label) for _ in range(repeats)]
+    of `repeats` runs, the one with the median wall time (a shared machine is noisy). `config`
+    defaults to `max_num_seqs=concurrency` and a queue that holds every request."""
+    config = config or EngineConfig(max_num_seqs=concurrency, max_queue=len(requests))
+    runs = [await _engine_once(model, tokenizer, requests, concurrency, label, config) for _ in range(repeats)]
     return sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
 
 
-async def _engine_once(model, tokenizer, requests, concurrency, label) -> Measured:
-    engine = DLMEngine(model, tokenizer, EngineConfig(max_num_seqs=concurrency, max_queue=len(requests)))
+async def _engine_once(model, tokenizer, requests, concurrency, label, config: EngineConfig) -> Measured:
+    engine = DLMEngine(model, tokenizer, config)
     steps: list[StepStats] = []
     engine.step_listeners.append(steps.append)
     outputs: dict[str, RequestOutput] = {}

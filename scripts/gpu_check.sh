@@ -44,9 +44,10 @@ for stage in "${stages[@]}"; do
     case $stage in
         env) run_stage env sh -c "nvidia-smi; date -u; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuSPARSELt\", torch.backends.cusparselt.is_available()); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'" ;;
         ext) run_stage ext "$py" -c 'import time; from sinkkernels import cusparselt as c; print("found", c.find_library()); t = time.time(); e = c.extension(); print(f"cuSPARSELt {e.version()} extension built/loaded in {time.time() - t:.1f} s")' ;;
-        tests) run_stage tests "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
-                   tests/test_kernels_triton.py tests/test_kernels_linear.py tests/test_kernels_swap.py \
-                   tests/test_kernels_formats.py tests/test_bench_step.py ;;
+        tests) run_stage tests env SINKSERVE_TRITON_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider \
+                   tests/test_kernels_cuda.py tests/test_engine_cuda.py tests/test_kernels_triton.py \
+                   tests/test_kernels_linear.py tests/test_kernels_swap.py tests/test_kernels_formats.py \
+                   tests/test_kernels_cusparselt.py tests/test_kernels_measure.py ;;
         compile) run_stage compile "$py" -m benchmarks.compile_check --out "$out/compile_check.json" ;;
         bench) run_stage bench "$py" -m benchmarks.bench_kernels --out "$out/kernels_bench.json" \
                    --table "$out/dispatch_table.json" ${BENCH_ARGS:-} ;;

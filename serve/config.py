@@ -19,6 +19,11 @@ class EngineConfig:
       (Fast-dLLM's PrefixCache and DualCache; the dual cache implies the prefix cache).
     - `stop_token_ids`: default for requests that do not choose: token ids that end
       a completion as EOS does (an instruct model's end-of-turn token, say).
+    - `max_model_len`: the longest prompt + max_tokens accepted (default: as many as
+      `max_tokens_per_step` and the model's positions allow); it also sizes the KV
+      arena, `max_num_seqs + 1` slots of this many positions per layer.
+    - `cuda_graphs`: on a GPU, capture each pass shape (rounded up to a bucket) once as a
+      CUDA graph and replay it, instead of launching every kernel from Python each step.
     """
 
     max_num_seqs: int = 8
@@ -28,11 +33,15 @@ class EngineConfig:
     prefix_cache: bool = False
     dual_cache: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    max_model_len: int | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # YAML and JSON give lists
         for name in ("max_num_seqs", "max_tokens_per_step", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_padding_ratio < 1:
             raise ValueError(f"EngineConfig.max_padding_ratio must be >= 1, got {self.max_padding_ratio}")

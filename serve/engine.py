@@ -97,9 +97,10 @@ class DLMEngine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config)
-        self.runner = ModelRunner(model)
+        self._max_length = min(self.config.max_tokens_per_step, model.config.max_position_embeddings,
+                               self.config.max_model_len or model.config.max_position_embeddings)
+        self.runner = ModelRunner(model, self.config.max_num_seqs, self._max_length, self.config.cuda_graphs)
         self.step_listeners: list[Callable[[StepStats], None]] = []
-        self._max_length = min(self.config.max_tokens_per_step, model.config.max_position_embeddings)
         token_chars = longest_token_chars(tokenizer)
         self._max_prompt_chars = self._max_length * token_chars if token_chars else None
         self._requests: dict[str, tuple[Sequence, RequestStream]] = {}

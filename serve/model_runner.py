@@ -1,62 +1,214 @@
 """One batched forward pass over a scheduled batch of sequences, then each sequence's step.
 
-Rows are left-padded with an attention mask (prefix caches left-padded and suffix
-caches right-padded, with key masks), which the model guarantees gives every row the
-result it would get alone. Runs in the engine's worker thread, never on the event loop.
+The runner owns every tensor a pass touches, so that a pass has fixed shapes and
+addresses and, on a GPU, is captured once as a CUDA graph and replayed (the CPU runs
+the same code eagerly):
+
+- the KV arena (`KVArena`): per layer, keys and values of every slot's positions as
+  its block's last full pass computed them. Fast-dLLM's prefix and dual caches are
+  views of it, written in place by that pass, never concatenated or cropped. The
+  scheduler hands each running sequence a slot; one more slot is scratch for rows
+  that write nothing.
+- per shape (`PassShape`: rows, queries, context), the inputs of a pass (`StaticPass`):
+  token ids with real positions first (rows are right-padded), the query mask, each
+  row's slot and first position, and which cached positions it may attend (those
+  before its queries and, with the dual cache, after them).
+
+On a GPU with graphs, shapes are rounded up to buckets so that few graphs serve every
+batch; masks keep padded rows and positions out of every real row's result, which is
+the one the row gets alone (tests/test_engine.py compares with `generate()`).
+Runs in the engine's worker thread, never on the event loop.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
-from sinkprune.dlm.generate import left_pad
+from sinkprune.dlm.layers import LayerKV
 from sinkprune.dlm.model import DiffusionLM, KVCache
 from serve.requests import StreamEvent
-from serve.sequence import Sequence
+from serve.sequence import PassPlan, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class StepResult:
     events: list[list[StreamEvent]]  # per sequence of the batch, in order
-    query_tokens: int  # positions computed, padding included (rows x longest row)
+    query_tokens: int  # positions computed, padding between rows included (rows x longest row)
     cached_tokens: int  # cached positions attended to (prefix and suffix caches), padding included
     cached_rows: int  # rows that ran against a cache
     started: float
     finished: float  # after every sequence's step (events are stamped when the forward pass ended)
 
 
+@dataclass(frozen=True)
+class PassShape:
+    rows: int
+    queries: int
+    context: int  # cached positions each row may attend (0: no cache in this pass)
+    write: bool  # some row keeps this pass's keys and values in its slot
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def bucket(shape: PassShape, max_rows: int, max_length: int) -> PassShape:
+    """The graph shape serving `shape`: rows to a power of two (at most `max_rows`), queries to a multiple
+    of 16 up to 64 and of 64 beyond, context to a multiple of 64 (each at most `max_length`)."""
+    rows = min(1 << (shape.rows - 1).bit_length(), max_rows)
+    queries = min(round_up(shape.queries, 16 if shape.queries <= 64 else 64), max_length)
+    context = min(round_up(shape.context, 64), max_length)
+    return PassShape(rows, queries, context, shape.write)
+
+
+class KVArena:
+    """Keys and values per layer, (slots + 1, kv_heads, max_length, head_dim); the last slot is scratch."""
+
+    def __init__(self, model: DiffusionLM, slots: int, max_length: int):
+        config, weight = model.config, model.embed_weight
+        shape = (slots + 1, config.num_kv_heads, max_length, config.head_dim)
+        self.layers = [LayerKV(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                               torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+                       for _ in range(config.num_layers)]
+        self.scratch = slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.layers)
+
+
+class StaticPass:
+    """The input buffers of one pass shape and the pass over them; `capture()` records it as a CUDA graph."""
+
+    def __init__(self, model: DiffusionLM, arena: KVArena | None, shape: PassShape, pad_id: int,
+                 kept: bool = False):
+        device = model.embed_weight.device
+        self.model, self.arena, self.shape, self.kept = model, arena, shape, kept
+        scratch = arena.scratch if arena is not None else 0
+        self.ids = torch.full((shape.rows, shape.queries), pad_id, dtype=torch.long, device=device)
+        self.query_mask = torch.zeros((shape.rows, shape.queries), dtype=torch.bool, device=device)
+        self.read_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
+        self.write_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
+        self.query_start = torch.zeros((shape.rows,), dtype=torch.long, device=device)
+        self.context_mask = torch.zeros((shape.rows, shape.context), dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.padded = True  # a kept (bucketed) pass always applies the query mask; a one-off only when rows differ
+
+    def fill(self, plans: list[PassPlan], slots: list[int]) -> None:
+        """Copy this batch's inputs into the buffers (rows beyond the batch keep stale, harmless values)."""
+        shape, rows = self.shape, len(plans)
+        ids = torch.zeros((rows, shape.queries), dtype=torch.long)
+        real = torch.zeros((rows, shape.queries), dtype=torch.bool)
+        for row, plan in enumerate(plans):
+            ids[row, :len(plan.token_ids)] = torch.tensor(plan.token_ids)
+            real[row, :len(plan.token_ids)] = True
+        self.padded = self.kept or rows < shape.rows or not bool(real.all())
+        self.ids[:rows].copy_(ids)
+        self.query_mask[:rows].copy_(real)
+        self.query_mask[rows:] = False
+        scratch = self.arena.scratch if self.arena is not None else 0
+        self.read_slots[:rows].copy_(torch.tensor(slots))
+        self.write_slots[:rows].copy_(torch.tensor([s if p.keep else scratch for s, p in zip(slots, plans)]))
+        self.write_slots[rows:] = scratch
+        if shape.context:
+            start = torch.tensor([p.offset for p in plans])
+            stop = torch.tensor([p.offset + len(p.token_ids) for p in plans])
+            valid = torch.tensor([p.cache_length if p.cached else 0 for p in plans])
+            position = torch.arange(shape.context)[None, :]
+            attend = (position < valid[:, None]) & ((position < start[:, None]) | (position >= stop[:, None]))
+            self.query_start[:rows].copy_(start)
+            self.context_mask[:rows].copy_(attend)
+            self.context_mask[rows:] = False
+
+    def forward(self) -> torch.Tensor:
+        """The pass: gather each row's context from the arena, run the model, keep what the rows asked for."""
+        prefix = None
+        if self.shape.context:
+            layers = [LayerKV(kv.keys[self.read_slots, :, :self.shape.context],
+                              kv.values[self.read_slots, :, :self.shape.context]) for kv in self.arena.layers]
+            prefix = KVCache(layers, self.context_mask)
+        out = self.model(self.ids, attention_mask=self.query_mask if self.padded else None, prefix=prefix,
+                         return_kv=self.shape.write,
+                         query_start=self.query_start if prefix is not None else None)
+        if self.shape.write:
+            for arena, kv in zip(self.arena.layers, out.kv.layers):
+                arena.keys[self.write_slots, :, :self.shape.queries] = kv.keys
+                arena.values[self.write_slots, :, :self.shape.queries] = kv.values
+        return out.logits
+
+    def capture(self, pool) -> None:
+        """Run once eagerly (kernel choices, plans, autotuning), then record the pass as a CUDA graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self.forward()
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionLM):
+    def __init__(self, model: DiffusionLM, slots: int, max_length: int, cuda_graphs: bool = True):
         self.model = model
         config = model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else config.mask_token_id
         self.device = model.embed_weight.device
+        self.slots, self.max_length = slots, max_length
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.bucketed = self.cuda_graphs  # shapes rounded up to buckets whose passes are kept (tests set it on CPU)
+        self.arena: KVArena | None = None  # made by the first pass that keeps a cache
+        self.passes: dict[PassShape, StaticPass] = {}  # per bucket, when bucketed
+        self.capture_seconds = 0.0
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def _static_pass(self, shape: PassShape) -> StaticPass:
+        if shape.write or shape.context:
+            if self.arena is None:
+                self.arena = KVArena(self.model, self.slots, self.max_length)
+                log.info("KV arena: %d slots x %d positions, %.1f MB", self.slots, self.max_length,
+                         self.arena.nbytes / 2 ** 20)
+        if not self.bucketed:
+            return StaticPass(self.model, self.arena, shape, self.pad_id)
+        shape = bucket(shape, self.slots, self.max_length)
+        static = self.passes.get(shape)
+        if static is None:
+            started = time.perf_counter()
+            static = self.passes[shape] = StaticPass(self.model, self.arena, shape, self.pad_id, kept=True)
+            if self.cuda_graphs:
+                static.capture(self._pool)
+                self.capture_seconds += time.perf_counter() - started
+                log.info("captured a CUDA graph for %s in %.2f s (%d graphs)", shape,
+                         time.perf_counter() - started, len(self.passes))
+        return static
 
     @torch.no_grad()
     def step(self, batch: list[Sequence]) -> StepResult:
         started = time.perf_counter()
         plans = [seq.plan() for seq in batch]
-        lengths = [len(plan.token_ids) for plan in plans]
-        ids, mask = left_pad([plan.token_ids for plan in plans], self.pad_id, self.device)
-        cached = [plan.prefix for plan in plans]
-        prefix = KVCache.left_pad(cached) if any(c is not None for c in cached) else None
-        suffixes = [plan.suffix for plan in plans]
-        suffix = KVCache.right_pad(suffixes) if any(c is not None for c in suffixes) else None
-        out = self.model(ids, attention_mask=mask if len(set(lengths)) > 1 else None, prefix=prefix, suffix=suffix,
-                         return_kv=any(plan.keep is not None for plan in plans))
+        longest = max(len(plan.token_ids) for plan in plans)
+        context = max((plan.cache_length for plan in plans if plan.cached), default=0)
+        shape = PassShape(len(batch), longest, context, any(plan.keep for plan in plans))
+        static = self._static_pass(shape)
+        static.fill(plans, [seq.slot for seq in batch])
+        logits = static.run()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
-        width = ids.shape[1]
-        events = []
-        for row, (seq, plan) in enumerate(zip(batch, plans)):
-            pad = width - lengths[row]
-            rows = slice(row, row + 1)
-            kept = None if plan.keep is None else out.kv.crop(rows, pad, pad + plan.keep)
-            kept_suffix = None if plan.keep_suffix is None else out.kv.crop(rows, pad + plan.keep_suffix, width)
-            events.append(seq.advance(plan, out.logits[rows, pad:], kept, kept_suffix, computed))
-        attended = sum(0 if c is None else c.mask.numel() for c in (prefix, suffix))
-        return StepResult(events, ids.numel(), attended, sum(c is not None for c in cached), started,
+        events = [seq.advance(plan, logits[row:row + 1, :len(plan.token_ids)], computed)
+                  for row, (seq, plan) in enumerate(zip(batch, plans))]
+        cached = [plan for plan in plans if plan.cached]
+        return StepResult(events, len(batch) * longest, len(cached) * context, len(cached), started,
                           time.perf_counter())

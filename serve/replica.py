@@ -51,8 +51,8 @@ class ModelReplica:
         loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
         self.manifest = verify_manifest(resolve_model_dir(model)) or {}
         config = EngineConfig(**(engine or {}))
-        self.dispatch = self._measure_dispatch(loaded, sparse_backend, config) if self._is_24(loaded) else None
-        self.swapped = self._swap_sparse(loaded, sparse_backend, self.dispatch) if self._is_24(loaded) else []
+        self.swapped, self.dispatch = self._swap_sparse(loaded, sparse_backend, config) if self._is_24(loaded) \
+            else ([], None)
         self.engine = DLMEngine(loaded, tokenizer, config)
         self.metrics = ReplicaMetrics(variant)
         self.engine.step_listeners.append(self._on_step)
@@ -65,28 +65,16 @@ class ModelReplica:
         return sparsity_format(model.config.hf_config) is not None
 
     @staticmethod
-    def _measure_dispatch(model, backend: str | None, config: EngineConfig):
-        """On a GPU, unless a backend is forced: each backend timed on this model's 2:4 shapes at the M
-        values this engine runs (cached on disk per device and torch), so the plan fits this machine."""
-        from sinkkernels.dispatch import forced_backend
-        from sinkkernels.measure import engine_m_values, measured_table
-        from sinkkernels.swap import sparse_shapes
+    def _swap_sparse(model, backend: str | None, config: EngineConfig):
+        """Sparse kernels where the dispatch measured on this GPU (at this engine's M values) favours them."""
+        from sinkkernels.measure import engine_m_values, swap_for_serving
 
-        weight = model.embed_weight
-        if weight.device.type != "cuda" or forced_backend(backend) is not None:
-            return None
-        table = measured_table(sparse_shapes(model), weight.dtype, weight.device,
-                               engine_m_values(config.max_num_seqs, config.max_tokens_per_step))
-        log.info("sparse dispatch (%s, measured now: %d shapes in %.1f s): %s", table.path, len(table.measured),
-                 table.seconds, table.plans)
-        return table
-
-    @staticmethod
-    def _swap_sparse(model, backend: str | None, dispatch) -> list[str]:
-        from sinkkernels.swap import swap_sparse_linears
-
-        return swap_sparse_linears(model, backend=backend, skip_dense=True,
-                                   table=dispatch.plans if dispatch is not None else None)
+        swapped, table = swap_for_serving(model, engine_m_values(config.max_num_seqs, config.max_tokens_per_step),
+                                          backend)
+        if table is not None:
+            log.info("sparse dispatch (%s, measured now: %d shapes in %.1f s): %s", table.path,
+                     len(table.measured), table.seconds, table.plans)
+        return swapped, table
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running,

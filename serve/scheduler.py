@@ -1,4 +1,5 @@
-"""Step-level scheduling: who waits, who runs, and which rows share the next forward pass.
+"""Step-level scheduling: who waits, who runs (each in its own slot of the runner's KV arena), and
+which rows share the next forward pass.
 
 Pure bookkeeping (no tensors, no model), called only from the engine's event
 loop. Admission is first come, first served: a waiting request takes a free slot
@@ -26,6 +27,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # the runner's KV arena rows
         self.iteration = 0
         self._service_s: float | None = None  # moving average of scheduled-to-finished time
 
@@ -49,6 +51,8 @@ class Scheduler:
             self.waiting.remove(seq)
             return
         self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        seq.slot = None
         if seq.scheduled_time is not None:
             service = now - seq.scheduled_time
             self._service_s = service if self._service_s is None else \
@@ -74,6 +78,7 @@ class Scheduler:
                 break
             self.running.append(self.waiting.popleft())
             head.scheduled_time = now
+            head.slot = self.free_slots.pop()
 
     def _fits(self, lengths: list[int], padding: bool) -> bool:
         longest = max(lengths)

@@ -3,9 +3,9 @@
 A sequence is `prompt + [MASK] * max_tokens`, decoded block by block exactly as
 `sinkprune.dlm.generate.generate` decodes that request alone: the same schedule,
 the same `denoise_step`, its own seeded generator. What the engine adds is
-bookkeeping: the prefix (and dual) cache of the current block, which committed tokens are
-new (for streaming), when the request is done (EOS, a stop token id, a stop
-string, or no mask left), and usage.
+bookkeeping: its slot in the runner's KV arena and whether the slot holds the current
+block's prefix (and dual) cache, which committed tokens are new (for streaming), when
+the request is done (EOS, a stop token id, a stop string, or no mask left), and usage.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 
 from sinkprune.dlm.decoding import llada_transfer_counts
 from sinkprune.dlm.generate import DenoiseParams, block_done, denoise_step, prefix_cut
-from sinkprune.dlm.model import KVCache
 from serve.detokenizer import IncrementalText
 from serve.requests import BLOCK, LENGTH, STOP, TOKENS, PreparedRequest, RequestOutput, \
     StreamEvent, Usage
@@ -27,10 +26,9 @@ class PassPlan:
 
     token_ids: list[int]  # the positions to compute: the whole sequence, or a span from `offset` on
     offset: int  # where `token_ids` start in the sequence
-    prefix: KVCache | None  # cached keys/values of the positions before `offset`
-    suffix: KVCache | None  # cached keys/values of the positions after the span (dual cache)
-    keep: int | None  # after this pass, cache the keys/values of its first `keep` positions
-    keep_suffix: int | None  # ... and of its positions from `keep_suffix` on (dual cache)
+    cached: bool  # attend to the slot's cached positions outside the span (before it; after it: dual cache)
+    cache_length: int  # how many positions the slot holds (the sequence's length when they were computed)
+    keep: bool  # after this pass, the slot holds this (full) pass's keys and values
 
 
 class Sequence:
@@ -49,8 +47,8 @@ class Sequence:
         self.text = IncrementalText(tokenizer, request.stop)
         self.block = self.step = 0
         self.schedule = self._block_schedule()
-        self.cache: KVCache | None = None  # the current block's prefix cache, once its first pass ran
-        self.suffix: KVCache | None = None  # ... and its suffix cache (dual cache)
+        self.slot: int | None = None  # its rows of the runner's KV arena, from the scheduler while it runs
+        self.cached = False  # the slot holds the current block's caches (its first pass ran)
         self.committed: list[int] = []  # the contiguous committed prefix of the completion (cut at EOS)
         self.forward_passes = self.computed_tokens = 0
         self.arrival_time = arrival_time
@@ -86,27 +84,22 @@ class Sequence:
     @property
     def query_length(self) -> int:
         """Positions the next pass computes for this sequence."""
-        if self.cache is None:
+        if not self.cached:
             return self.length
         cut, stop = self._span()
         return stop - cut
 
     def plan(self) -> PassPlan:
-        if self.cache is not None:
+        if self.cached:
             cut, stop = self._span()
-            return PassPlan(self.x[0, cut:stop].tolist(), cut, self.cache, self.suffix, None, None)
-        if not self.request.prefix_cache:
-            return PassPlan(self.x[0].tolist(), 0, None, None, None, None)
-        cut, stop = self._span()
-        return PassPlan(self.x[0].tolist(), 0, None, None, cut, stop if self.request.dual_cache else None)
+            return PassPlan(self.x[0, cut:stop].tolist(), cut, True, self.length, False)
+        return PassPlan(self.x[0].tolist(), 0, False, 0, self.request.prefix_cache)
 
-    def advance(self, plan: PassPlan, logits: torch.Tensor, kept: KVCache | None, kept_suffix: KVCache | None,
-                now: float) -> list[StreamEvent]:
-        """Apply one step from this pass's `logits` (1, positions of the plan, vocab) and
-        keep the caches the plan asked for; returns the events it produced and sets
-        `finish_reason` when done."""
-        if plan.keep is not None:
-            self.cache, self.suffix = kept, kept_suffix
+    def advance(self, plan: PassPlan, logits: torch.Tensor, now: float) -> list[StreamEvent]:
+        """Apply one step from this pass's `logits` (1, positions of the plan, vocab); returns
+        the events it produced and sets `finish_reason` when done."""
+        if plan.keep:
+            self.cached = True
         start, end = self._block_range()
         self.x = denoise_step(self.x, logits, plan.offset, start, end, self.schedule, self.step, self.params,
                               self.generator)
@@ -119,7 +112,7 @@ class Sequence:
             if self.first_block_time is None:
                 self.first_block_time = now
             if not self.finished:
-                self.block, self.step, self.cache, self.suffix = self.block + 1, 0, None, None
+                self.block, self.step, self.cached = self.block + 1, 0, False
                 self.schedule = self._block_schedule()
         return events
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import BACKENDS, TABLE_FORMAT, fastest_steps, table_key, unavailable_reason
+from .dispatch import BACKENDS, TABLE_FORMAT, fastest_steps, forced_backend, table_key, unavailable_reason
 from .sparse24 import Sparse24Linear
+from .swap import sparse_shapes, swap_sparse_linears
 from .testing import random_24_weight
 from .timing import time_cpu, time_cuda
 
@@ -102,3 +103,17 @@ def measured_table(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device
         partial.replace(path)
     keys = {table_key(device_name(device), dtype, n, k) for n, k in shapes}
     return MeasuredTable({key: plans[key] for key in sorted(keys)}, path, measured, time.perf_counter() - started)
+
+
+def swap_for_serving(model: torch.nn.Module, m_values: list[int], backend: str | None = None
+                     ) -> tuple[list[str], MeasuredTable | None]:
+    """What a replica does with a 2:4 model: on a GPU, unless a backend is forced, measure the dispatch for
+    its shapes at `m_values`; then swap in `Sparse24Linear` where a plan has a sparse backend (layers whose
+    plan is dense alone stay `nn.Linear`). Returns the names swapped and the measured table (or None)."""
+    weight = next(p for p in model.parameters() if p.dim() == 2)
+    table = None
+    if weight.device.type == "cuda" and forced_backend(backend) is None:
+        table = measured_table(sparse_shapes(model), weight.dtype, weight.device, m_values)
+    names = swap_sparse_linears(model, backend=backend, skip_dense=True,
+                                table=table.plans if table is not None else None)
+    return names, table

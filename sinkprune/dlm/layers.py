@@ -94,6 +94,7 @@ def make_attention_inputs(
     causal: bool = False,
     prefix_mask: torch.Tensor | None = None,
     suffix_mask: torch.Tensor | None = None,
+    query_start: torch.Tensor | None = None,
 ) -> AttentionInputs:
     """Positions and masks for one forward pass.
 
@@ -107,6 +108,9 @@ def make_attention_inputs(
     real tokens) and attend to its keys as well as their own. `suffix_mask`
     (batch, suffix) likewise for cached positions after this pass's (their keys
     carry their own rotary phases already), which are attended last.
+    `query_start` (batch,) long, with a prefix: the position of each row's first real
+    query, for a cache that holds more than the positions before the pass (the
+    engine's KV arena, whose prefix mask also marks the cached positions after it).
     """
     if prefix_mask is not None or suffix_mask is not None:
         if causal:
@@ -116,7 +120,8 @@ def make_attention_inputs(
         empty = real[:, :0]
         prefix_mask = empty if prefix_mask is None else prefix_mask.to(device)
         suffix_mask = empty if suffix_mask is None else suffix_mask.to(device)
-        position_ids = prefix_mask.long().sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
+        start = prefix_mask.long().sum(-1, keepdim=True) if query_start is None else query_start[:, None]
+        position_ids = start + real.long().cumsum(-1) - 1
         cos, sin = rotary_tables(position_ids.clamp(min=0), head_dim, theta, dtype)
         key_mask = torch.cat([prefix_mask, real, suffix_mask], -1)[:, None, None, :]
         return AttentionInputs(cos, sin, key_mask, real, want_mass)

@@ -106,12 +106,13 @@ class DiffusionLM(nn.Module):
         causal: bool = False,
         prefix_mask: torch.Tensor | None = None,
         suffix_mask: torch.Tensor | None = None,
+        query_start: torch.Tensor | None = None,
     ) -> AttentionInputs:
         batch, seq = input_ids.shape
         param = self.embed_weight
         return make_attention_inputs(
             attention_mask, batch, seq, self.config.head_dim, self.config.rope_theta,
-            param.device, param.dtype, want_mass, causal, prefix_mask, suffix_mask,
+            param.device, param.dtype, want_mass, causal, prefix_mask, suffix_mask, query_start,
         )
 
     @property
@@ -138,6 +139,7 @@ class DiffusionLM(nn.Module):
         prefix: KVCache | None = None,
         return_kv: bool = False,
         suffix: KVCache | None = None,
+        query_start: torch.Tensor | None = None,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
         makes a padded row give the same logits as that row alone. `causal=True`
@@ -149,11 +151,12 @@ class DiffusionLM(nn.Module):
         keeps its own logit, so callers start the pass one position early.
         `suffix`: cached positions that follow `input_ids` (Fast-dLLM's DualCache),
         attended to but not recomputed. `return_kv` returns this pass's keys/values
-        (to build such caches).
+        (to build such caches). `query_start` (batch,): where each row's queries start,
+        when `prefix` also holds cached positions after them (see `make_attention_inputs`).
         """
         inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal,
                                        None if prefix is None else prefix.mask,
-                                       None if suffix is None else suffix.mask)
+                                       None if suffix is None else suffix.mask, query_start)
         slots = self._kv_slots(prefix, suffix, return_kv)
         hidden = self.embed(input_ids)
         masses = []

@@ -1,0 +1,128 @@
+"""`python -m benchmarks.bench_serving`: the engine serving dense against 2:4-pruned, with and without CUDA graphs.
+
+Builds an LLaDA-8B- or Dream-7B-shaped model with random weights on the device
+(`--layers` keeps fewer blocks), magnitude-prunes every block linear 2:4, and
+serves it through `DLMEngine` with closed-loop clients (dual cache, one token per
+step, `ignore_eos`) at each concurrency: first as the dense replica serves it
+(`nn.Linear`), then as the pruned replica does (`sinkkernels.measure.swap_for_serving`:
+dispatch measured on this device at the engine's M values, then the swap), each
+with CUDA graphs on and off. Reports output tokens/s, latency p50/p99 and the ratio
+of each run to the dense one with graphs, and writes JSON. On CPU it runs the same
+path on a small model (`--layers 1`) to check it, not to time it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_engine import run_engine
+from benchmarks.bench_step import build, prune_24
+from serve.config import EngineConfig
+from serve.requests import GenerationRequest
+from sinkkernels.measure import engine_m_values, swap_for_serving
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def requests_for(config, count: int, prompt_tokens: int, max_tokens: int, block: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(4, config.mask_token_id, (count, prompt_tokens), generator=generator).tolist()
+    return [GenerationRequest(prompt=p, max_tokens=max_tokens, steps=max_tokens, block_length=block,
+                              ignore_eos=True, dual_cache=True, seed=i, request_id=f"r{i}")
+            for i, p in enumerate(prompts)]
+
+
+async def serve_runs(model, args, variant: str) -> list[dict]:
+    rows = []
+    for graphs in args.graphs:
+        for concurrency in args.concurrency:
+            requests = requests_for(model.config, args.requests_per_client * concurrency, args.prompt_tokens,
+                                    args.max_tokens, args.block, args.seed)
+            config = EngineConfig(max_num_seqs=concurrency, max_queue=len(requests), dual_cache=True,
+                                  cuda_graphs=graphs, max_model_len=args.prompt_tokens + args.max_tokens)
+            await run_engine(model, None, requests[:concurrency], concurrency, "warm-up", config=config)
+            measured = await run_engine(model, None, requests, concurrency, variant, config=config)
+            rows.append({"variant": variant, "cuda_graphs": graphs} | measured.summary())
+            print(f"{variant:6} graphs={graphs!s:5} concurrency {concurrency:3}: "
+                  f"{rows[-1]['output_tokens_per_s']:8.1f} tok/s, p50 {rows[-1]['latency_ms_p50']:8.1f} ms",
+                  file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = {(r["concurrency"]): r["output_tokens_per_s"] for r in rows if r["variant"] == "dense"
+            and r["cuda_graphs"]}
+    lines = ["| variant | CUDA graphs | concurrency | output tok/s | p50 ms | p99 ms | vs dense with graphs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = r["output_tokens_per_s"] / base[r["concurrency"]] if r["concurrency"] in base else None
+        lines.append(f"| {r['variant']} | {'on' if r['cuda_graphs'] else 'off'} | {r['concurrency']} | "
+                     f"{r['output_tokens_per_s']:.1f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llada-8b", choices=("llada-8b", "dream-7b"))
+    parser.add_argument("--layers", type=int, default=None, help="keep the first N blocks (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--graphs", type=lambda s: [part == "on" for part in s.split(",")], default=[True, False],
+                        help="comma-separated on/off (default: on,off)")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=["dense", "pruned"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_serving.json"))
+    args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
+    if not set(args.variants) <= {"dense", "pruned"}:
+        parser.error("--variants: choose among dense, pruned")
+    if args.max_tokens % args.block:
+        parser.error("--max-tokens must be a multiple of --block")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(args.model, args.layers, device, dtype, args.seed)
+    prune_24(model)  # both variants serve the same 2:4 weights: only the kernels differ
+    report = {"model": args.model, "layers": len(model.blocks), "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"),
+              "command": " ".join(["python -m benchmarks.bench_serving", *(sys.argv[1:] if argv is None else argv)]),
+              "rows": []}
+    for variant in ("dense", "pruned"):
+        if variant not in args.variants:
+            continue
+        if variant == "pruned":
+            started = time.perf_counter()
+            names, measured = swap_for_serving(model, engine_m_values(max(args.concurrency), 8192))
+            report["swap"] = {"layers": len(names), "seconds": round(time.perf_counter() - started, 2),
+                              "dispatch": measured.summary() if measured is not None else None}
+        report["rows"] += asyncio.run(serve_runs(model, args, variant))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each variant: an overrun keeps the first
+    print(table(report["rows"]))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
