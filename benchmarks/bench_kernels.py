@@ -149,7 +149,8 @@ def markdown(rows: list[Row]) -> str:
         if r.skipped:
             lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | skipped: {r.skipped} | | | | | | |")
             continue
-        lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | {_cell(r.ms, '.4f')} | {_cell(r.eager_ms, '.4f')} | "
+        lines.append(f"| {r.model} | {r.n}x{r.k} | {r.m} | {r.backend} | {_cell(r.ms, '.4f')} | "
+                     f"{_cell(r.eager_ms, '.4f')} | "
                      f"{_cell(r.tflops, '.2f')} | {_cell(r.gbps, '.1f')} | {_cell(r.speedup, '.2f')} | "
                      f"{_cell(r.roofline, '.0%')} | {_cell(r.max_rel_err, '.1e')} |")
     return "\n".join(lines)
