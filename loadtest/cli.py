@@ -83,7 +83,7 @@ def validate(args) -> None:
         raise ValueError(f"--base-url {args.base_url!r} is not an http(s) URL")
     if host not in LOOPBACK and not args.allow_remote:
         raise ValueError(f"--base-url host {host!r} is not loopback; pass --allow-remote to load a remote endpoint")
-    for name in ("rates", "concurrencies", "variant"):
+    for name in ("rates", "concurrencies", "variant", "model"):
         value = getattr(args, name)
         if value is not None and not value.strip():
             raise ValueError(f"--{name} {value!r} is empty")

@@ -146,7 +146,7 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{what}: {path} does not exist") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{what}: {path} cannot be read as JSON: {err}") from None
 
 
@@ -162,9 +162,9 @@ def check_summary(summary, where: str) -> dict:
         stats = point.get("summary") if isinstance(point, dict) else None
         if not isinstance(stats, dict) or not isinstance(stats.get("all"), dict):
             raise ValueError(f"{where}: phases[{i}] has no `summary` object with `all`")
-        concurrency = point.get("concurrency")
+        concurrency = point.get("concurrency", "missing")
         if concurrency is not None and not _number(concurrency):
-            raise ValueError(f"{where}: phases[{i}].concurrency {concurrency!r} is not a number")
+            raise ValueError(f"{where}: phases[{i}].concurrency {concurrency!r} is not a number (or null)")
         for variant, entry in stats.items():
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: phases[{i}].summary.{variant} is not an object")
@@ -235,7 +235,7 @@ def load_inputs(args) -> tuple[list[dict], dict | None, dict | None, dict | None
     return phases, manifest, server, online
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     add_version_flag(parser)
     parser.add_argument("--run", action="append", required=True,
@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs/report", type=output_dir,
                         help="must be new or empty (or --overwrite, over a previous report)")
     add_overwrite_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         check_output(args.out_dir, args.overwrite, ours=WRITES)
         phases, manifest, server, online = load_inputs(args)

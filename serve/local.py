@@ -189,10 +189,10 @@ def read_router_config(path: str) -> dict:
 
     try:
         config = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        what = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"--router-config {path}: cannot be read as YAML{where}: {what}") from None
     if not isinstance(config, dict):
         raise ValueError(f"--router-config {path}: must be a mapping of {', '.join(ROUTER_KEYS)}")
@@ -225,15 +225,9 @@ def _non_finite(node, where: str = "") -> tuple[str, float] | None:
     return None
 
 
-def main() -> None:
-    from pydantic import ValidationError
-
-    from serve.app import AppArgs
-    from serve.router_config import RouterSettings
+def build_parser():
     from serve.schemas import MAX_TOKENS_LIMIT
-    from sinkprune.cli_args import (Parser, add_version_flag, error_line, existing_file, integer, nonempty_path,
-                                    port_number)
-    from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
+    from sinkprune.cli_args import Parser, add_version_flag, existing_file, integer, nonempty_path, port_number
 
     parser = Parser(prog="python -m serve.local",
                     description="serve a dense and a pruned variant locally until Ctrl-C or SIGTERM")
@@ -251,6 +245,18 @@ def main() -> None:
     parser.add_argument("--router-config", type=existing_file, default=None,
                         help="YAML or JSON of the router's decisions: weights (>= 0), sticky, shadow, quality, cost, "
                         "canary (docs/ROLLOUT.md)")
+    return parser
+
+
+def main() -> None:
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+    from serve.router_config import RouterSettings
+    from sinkprune.cli_args import error_line
+    from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
+
+    parser = build_parser()
     args = parser.parse_args()
     if args.port == args.metrics_port:
         raise SystemExit(error_line(parser.prog, f"--port {args.port} and --metrics-port {args.metrics_port} are the "
@@ -270,7 +276,7 @@ def main() -> None:
         problem = err.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
         field = f"--router-config {where}" if problem["loc"] and problem["loc"][0] in router \
-            else "--" + where.replace("_", "-") if where else "arguments"
+            else "--" + where.replace("_", "-") if where else "--router-config" if router else "arguments"
         raise SystemExit(error_line(parser.prog, f"{field}: {problem['msg']}")) from None
     except ValueError as err:
         raise SystemExit(error_line(parser.prog, f"--router-config: {err}")) from None

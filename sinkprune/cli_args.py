@@ -104,7 +104,7 @@ class Range:
         if self.kind is float and math.isinf(value) and not self.allow_inf:
             raise argparse.ArgumentTypeError(f"{text!r} is not finite; valid: {self}")
         if not self.contains(value):
-            raise argparse.ArgumentTypeError(f"{text} is outside {self}")
+            raise argparse.ArgumentTypeError(f"{text.strip()} is outside {self}")
         return value
 
 

@@ -65,7 +65,7 @@ def manifest_files(directory: Path) -> set[str] | None:
     no readable manifest of that shape."""
     try:
         manifest = json.loads((directory / MANIFEST).read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(name, str) for name in files):

@@ -3,6 +3,7 @@ what is wrong: never a traceback, never a usage block."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def dirs(tmp_path_factory):
     (root / "router-typo.yaml").write_text("canary:\n  variant: pruned\n  gates: {max_qualty_gap: 0.5}\n")
     (root / "router-both.yaml").write_text("weights: {dense: 1}\ncanary: {variant: pruned}\n")
     (root / "router-key.yaml").write_text("canery: {}\n")
+    (root / "router-negative.yaml").write_text("weights: {dense: -1, pruned: 2}\n")
+    (root / "router-broken.yaml").write_text("weights: [\n  a: b: c\n")
+    for name, content in [("list", b"[]"), ("files", b'{"files": []}'), ("bytes", b"\xff\xfe{}")]:
+        shutil.copytree(root / "nomanifest", root / f"manifest-{name}")
+        (root / f"manifest-{name}" / MANIFEST).write_bytes(content)
+    (root / "badload").mkdir()
+    (root / "badload" / "summary.json").write_text("[]")
     return root
 
 
@@ -140,6 +148,57 @@ CASES = [
     ("serve.local", ["--router-config", "{d}/router-both.yaml"], "the canary sets the weights"),
     ("serve.local", ["--router-config", "{d}/router-key.yaml"], "unknown keys ['canery']"),
     ("serve.local", ["--router-config", "{d}/missing.yaml"], "missing.yaml' does not exist"),
+    # issue #25: what a careless user tried
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "", "--overwrite"],
+     "argument --out-dir: '' is an empty path (it would mean the current directory)"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", ".", "--overwrite"], "is the current directory"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "..", "--overwrite"],
+     "contains the current directory"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/full", "--overwrite"],
+     "is not a pruned artifact whose sinkprune.json lists everything in it (results.json)"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--seq-len", "-1"],
+     "argument --seq-len: -1 is outside 2..1048576"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--seq-len", "0"],
+     "argument --seq-len: 0 is outside 2..1048576"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--seq-len", "100000"],
+     "--seq-len 100000 exceeds the 4096-token maximum sequence length of the model"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--batch-size", "0"],
+     "argument --batch-size: 0 is outside 1..65536"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--batch-size", "-2"],
+     "argument --batch-size: -2 is outside 1..65536"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--eval-windows", "-1"],
+     "argument --eval-windows: -1 is outside 0..1000000"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--eval-windows", "2", "--eval-samples", "0"],
+     "argument --eval-samples: 0 is outside 1..1000000"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--hidden-states", "disk", "--hidden-dir",
+                   "/nonexistent/dir"], "argument --hidden-dir: directory '/nonexistent/dir' does not exist"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--hidden-dir", "{d}/full/results.json"],
+     "results.json' is not a directory"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--k", "nan"],
+     "argument --k: 'nan' is not a number (NaN); valid: [0, 100]"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--alpha", "-5"],
+     "argument --alpha: -5 is outside (0, 1000]"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--calibration-windows", "100000000"],
+     "argument --calibration-windows: 100000000 is outside 1..1000000"),
+    ("sinkprune", ["prune", "--model", "{d}/dense", "--out-dir", "{d}/p", "--calibration-windows", "1000000"],
+     "--calibration-windows 1000000: the calibration split holds only"),
+    ("sinkprune", ["generate", "--model", "{d}/manifest-list", "--prompt", "hi"], "sinkprune.json holds a JSON list"),
+    ("sinkprune", ["generate", "--model", "{d}/manifest-files", "--prompt", "hi"],
+     "sinkprune.json: `files` is a JSON list, not an object"),
+    ("sinkprune", ["generate", "--model", "{d}/manifest-bytes", "--prompt", "hi"], "sinkprune.json is not UTF-8 text"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: -1 is outside [0, 100]"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--cfg-scale", "-1"], "argument --cfg-scale: -1 is outside [0, 100]"),
+    ("sinkprune", ["generate", "--prompt", ""], "--prompt '' is empty"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--steps", "1000", "--gen-length", "8", "--block-length", "8"],
+     "--steps 1000 exceeds --gen-length 8"),
+    ("sinkprune", ["generate", "--prompt", "hi", "--gen-length", "100000", "--block-length", "100000"],
+     "--gen-length 100000 exceeds the 1024-token maximum sequence length of the model 'embedded'"),
+    ("loadtest", ["--timeout", "-1"], "argument --timeout: -1 is outside (0, 1000000]"),
+    ("loadtest", ["--prompt-words", "0"], "argument --prompt-words: 0 is outside 1..10000"),
+    ("report", ["--run", "dense={d}/badload"], "summary.json: not a load-test summary"),
+    ("serve.local", ["--router-config", "{d}/router-negative.yaml"], "weights.dense: -1 is negative"),
+    ("serve.local", ["--port", "8123", "--metrics-port", "8123"], "--port 8123 and --metrics-port 8123 are the same"),
+    ("serve.local", ["--router-config", "{d}/router-broken.yaml"], "cannot be read as YAML at line 2, column 7"),
     ("render", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("render", ["--check", "missing"], "no-such-serve.yaml"),
 ]

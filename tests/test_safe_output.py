@@ -43,6 +43,25 @@ def test_a_non_empty_output_is_refused_unless_overwrite(tmp_path):
         check_output(tmp_path / "file", overwrite=True)
 
 
+@pytest.mark.parametrize("out", ["", " ", ".", "./", "..", "~", "~/", "/", "here", "here/..", "work/.."])
+def test_the_working_directory_its_parents_home_and_root_are_never_an_output(tmp_path, monkeypatch, out):
+    """Issue #25: `--out-dir ""` meant the current directory and --overwrite replaced it. Refused now
+    (with --overwrite, even where they are empty), and so are `.`, `..`, `~`, `/` and a symlink to
+    the working directory."""
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    (cwd / "work").mkdir(parents=True)
+    home.mkdir()
+    (cwd / "here").symlink_to(cwd)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(OutputError, match="empty path|current directory|home directory"):
+        check_output(out, overwrite=True)
+    with pytest.raises(OutputError):
+        with staged_output(out, overwrite=True, ours=["work", "here"]):
+            pytest.fail("staged an output over the working directory")
+    assert sorted(p.name for p in cwd.iterdir()) == ["here", "work"]
+
+
 @pytest.mark.parametrize("relation", ["equal", "inside", "contains"])
 def test_an_output_equal_to_inside_or_containing_the_source_is_always_refused(tmp_path, relation):
     source = tmp_path / "models" / "dense"

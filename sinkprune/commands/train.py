@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise UsageError(f"no tokenizer.json in {args.tokenizer} (run `sinkprune train-tokenizer`)")
     tokenizer = load_tokenizer(args.tokenizer)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir).expanduser()
     sources = [args.tokenizer] + ([args.train] if args.train else [])
     present = [p.name for p in out.iterdir()] if out.is_dir() else []
     # the checks that hold whatever the directory holds (a source, the current directory, home); its content next

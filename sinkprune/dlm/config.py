@@ -76,7 +76,7 @@ class DLMConfig:
     def _validate(self) -> None:
         for name, value, most in (("vocab size", self.vocab_size, 2**31 - 1), ("hidden size", self.hidden_size, 2**20),
                                   ("intermediate size", self.intermediate_size, 2**24),
-                                  ("number of layers", self.num_layers, 4096), ("heads", self.num_heads, 65536),
+                                  ("number of layers", self.num_layers, 1024), ("heads", self.num_heads, 65536),
                                   ("key/value heads", self.num_kv_heads, 65536),
                                   ("maximum sequence length", self.max_position_embeddings, 2**31 - 1)):
             if not 1 <= value <= most:
