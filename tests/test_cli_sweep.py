@@ -102,7 +102,9 @@ def in_box(box, monkeypatch):
     monkeypatch.chdir(box.cwd)
     monkeypatch.setenv("HOME", str(box.home))
     monkeypatch.setattr(local, "local_app", _started)
-    monkeypatch.setattr(local.signal, "signal", lambda *a, **k: None)  # serve.local's SIGTERM handler
+    # serve.local's own SIGTERM handler stays out of this process (only its module's name is replaced)
+    monkeypatch.setattr(local, "signal", SimpleNamespace(signal=lambda *a, **k: None, SIGTERM=signal.SIGTERM,
+                                                           SIGKILL=signal.SIGKILL))
     return box
 
 
@@ -320,6 +322,15 @@ def test_sweep_empty_paths_exit_2_naming_the_argument(in_box, data):
     assert_refused(in_box, entry, base_argv(in_box, entry, prefix) + [flag, value], names=(flag,))
 
 
+@settings(SWEEP, max_examples=100)
+@given(entry=st.sampled_from(sorted(ENTRIES)), junk=st.text(min_size=1, max_size=8).filter(
+    lambda t: t.strip() and not t.startswith("-")))
+def test_sweep_stray_words_exit_2(in_box, entry, junk):
+    """A stray word on any entry point's command line (deploy/render.py included): one line, exit 2."""
+    argv = ["generate", "--prompt", "x", junk] if entry == "sinkprune" else [junk]
+    assert_refused(in_box, entry, argv)
+
+
 # ---- no output can be the working directory, a parent of it, home or / ---------------------------
 
 def writers(box) -> dict[str, tuple[str, list[str]]]:
@@ -523,6 +534,17 @@ def test_sweep_malformed_load_test_summaries_exit_2_naming_the_file(in_box, data
     if code == 2:
         assert len(lines) == 1 and "summary.json" in lines[0], err
     assert snapshot(in_box, in_box.scratch) == before and seconds < LIMIT_S
+
+
+def test_the_alarm_stops_a_run_that_takes_too_long(monkeypatch):
+    """The per-invocation limit is enforced, not just measured: a run past it fails its example."""
+    monkeypatch.setattr(sys.modules[__name__], "LIMIT_S", 0.2)
+    monkeypatch.setitem(ENTRIES, "slow", lambda argv: time.sleep(5))
+    began = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="still running after 0.2 s"):
+        invoke("slow", [])
+    assert time.monotonic() - began < 2
+    INVOCATIONS.pop("slow")
 
 
 def test_version_on_every_entry_point(in_box):
