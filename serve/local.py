@@ -254,7 +254,7 @@ def main() -> None:
     from serve.app import AppArgs
     from serve.router_config import RouterSettings
     from sinkprune.cli_args import error_line
-    from sinkprune.dlm.loading import ModelLoadError, resolve_model_dir
+    from sinkprune.dlm.loading import ModelLoadError, read_config, resolve_model_dir
 
     parser = build_parser()
     args = parser.parse_args()
@@ -263,7 +263,10 @@ def main() -> None:
                                                  "same port: the API and the metrics need one each"))
     try:
         for model in filter(None, (args.model, args.pruned)):
-            resolve_model_dir(model)
+            limit = read_config(resolve_model_dir(model)).max_position_embeddings
+            if args.max_tokens is not None and args.max_tokens >= limit:
+                raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the {limit}-token "
+                                 f"maximum sequence length of the model {model!r} (its config.json)")
         router = read_router_config(args.router_config) if args.router_config else {}
     except (ModelLoadError, ValueError) as err:
         raise SystemExit(error_line(parser.prog, str(err))) from None

@@ -198,6 +198,8 @@ CASES = [
     ("report", ["--run", "dense={d}/badload"], "summary.json: not a load-test summary"),
     ("serve.local", ["--router-config", "{d}/router-negative.yaml"], "weights.dense: -1 is negative"),
     ("serve.local", ["--port", "8123", "--metrics-port", "8123"], "--port 8123 and --metrics-port 8123 are the same"),
+    ("serve.local", ["--max-tokens", "2000"],
+     "--max-tokens 2000 leaves no room for a prompt in the 1024-token maximum sequence length of the model 'embedded'"),
     ("serve.local", ["--router-config", "{d}/router-broken.yaml"], "cannot be read as YAML at line 2, column 7"),
     ("render", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("render", ["--check", "missing"], "no-such-serve.yaml"),
