@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class QualitySettings(_Strict):
@@ -80,6 +80,12 @@ class RouterSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "RouterSettings":
+        if self.weights is not None:
+            negative = {name: w for name, w in self.weights.items() if w < 0}
+            if negative:
+                raise ValueError(f"weights must be >= 0, got {negative}")
+            if self.weights and not any(self.weights.values()):
+                raise ValueError("weights are all 0: no variant would get traffic")
         if self.canary is not None and self.weights is not None:
             raise ValueError("weights and canary are both set: the canary sets the weights (remove one)")
         if self.canary is not None and self.canary.variant == self.quality.reference:

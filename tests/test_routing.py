@@ -63,3 +63,16 @@ def test_router_settings_refuse_typos_and_contradictions():
     with pytest.raises(ValueError, match="quality reference"):
         RouterSettings.model_validate({"canary": {"variant": "dense", "baseline": "pruned"}})
     assert RouterSettings.model_validate({"shadow": True}).quality_rate() == 1.0
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"weights": {"dense": -1, "pruned": 1}}, "weights must be >= 0"),
+    ({"weights": {"dense": 0, "pruned": 0}}, "all 0"),
+    ({"weights": {"dense": float("nan")}}, "finite number"),
+    ({"canary": {"gates": {"max_quality_gap": float("nan")}}}, "finite number"),
+    ({"tick_s": float("inf")}, "finite number"),
+])
+def test_router_settings_refuse_negative_zero_and_non_finite_numbers(settings, message):
+    """What `serve deploy` reads from deploy/serve.yaml: the same rules serve.local's CLI applies."""
+    with pytest.raises(ValueError, match=message):
+        RouterSettings.model_validate(settings)
