@@ -174,6 +174,12 @@ class ModelRunner:
         self.capture_seconds = 0.0
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
+    def stats(self) -> dict:
+        """What the static path holds: graphs captured (and what capturing cost), the KV arena's bytes."""
+        return {"cuda_graphs": self.cuda_graphs, "captured": len(self.passes) if self.cuda_graphs else 0,
+                "capture_seconds": round(self.capture_seconds, 3),
+                "kv_arena_bytes": self.arena.nbytes if self.arena is not None else 0}
+
     def _static_pass(self, shape: PassShape) -> StaticPass:
         if shape.write or shape.context:
             if self.arena is None:

@@ -149,6 +149,7 @@ class ModelReplica:
     def info(self) -> dict:
         return {"variant": self.variant, "model": self.model_path, "sparse_layers": len(self.swapped),
                 "sparse_dispatch": self.dispatch.summary() if self.dispatch is not None else None,
+                "runner": self.engine.runner.stats(),
                 "manifest": {k: v for k, v in self.manifest.items() if k not in ("files", "per_layer_sparsity")},
                 "waiting": self.engine.num_waiting, "running": self.engine.num_running}
 

@@ -40,6 +40,11 @@ def test_bucketed_static_passes_give_every_request_its_own_output(model_type):
     assert len(shapes) >= 2 and all(s == bucket(s, 3, engine.runner.max_length) for s in shapes)
     assert any(s.context for s in shapes) and any(s.write for s in shapes)  # cached passes and full ones
     assert engine.scheduler.free_slots and sorted(engine.scheduler.free_slots) == [0, 1, 2]  # all slots back
+    stats = engine.runner.stats()
+    assert stats["cuda_graphs"] is False and stats["captured"] == 0  # the CPU never captures
+    config = model.config
+    assert stats["kv_arena_bytes"] == (2 * config.num_layers * 4 * config.num_kv_heads * engine.runner.max_length
+                                       * config.head_dim * model.embed_weight.element_size())
 
 
 def test_slots_are_reused_and_never_shared_by_running_sequences():
