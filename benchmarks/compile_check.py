@@ -13,6 +13,9 @@ it (pointers, N, K and row strides divisible by 16), and its cubin is checked:
 * the dot runs on tensor cores (`mma.sync`, or `wgmma` on Hopper);
 * the weight tiles stream through `cp.async` (asynchronous, pipelined copies).
 
+The small-M kernel (CUDA cores, M <= 16) is compiled too, at each BLOCK_M, and
+checked for spills and shared memory.
+
 It says nothing of speed: `python -m benchmarks.bench_kernels` on a GPU does.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 SPLIT_KS = (1, 2)
+SMALL_M_SIZES = (1, 2, 4, 8, 16)  # BLOCK_M of the small-M kernel
 ALIGNED_INTS = ("N", "K", "stride_xm", "stride_vn", "stride_meta_n", "stride_ys", "stride_ym")
 
 
@@ -85,10 +89,26 @@ def autotune_configs() -> list[TileConfig]:
 
 def _signature(kernel, dtype: str, split_k: int) -> dict[str, str]:  # noqa: ANN001 - a triton JITFunction
     element = DTYPES[dtype]
-    pointers = {"x_ptr": element, "values_ptr": element, "meta_ptr": "u8", "bias_ptr": element,
+    pointers = {"x_ptr": element, "xt_ptr": element, "values_ptr": element, "meta_ptr": "u8", "bias_ptr": element,
                 "y_ptr": element if split_k == 1 else "fp32"}
     return {param.name: "constexpr" if param.is_constexpr else
             (f"*{pointers[param.name]}" if param.name in pointers else "i32") for param in kernel.params}
+
+
+def _compile(kernel, dtype: str, split_k: int, arch: int, constants: dict, num_warps: int,  # noqa: ANN001
+             num_stages: int):
+    """The cubin of `kernel` as a launch on a model shape specializes it (16-divisible pointers and sizes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = _signature(kernel, dtype, split_k)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+               if name.endswith("_ptr") or name in ALIGNED_INTS}
+    source = ASTSource(kernel, signature, constexprs={"HAS_BIAS": True, "SPLIT_K": split_k, **constants},
+                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -121,19 +141,10 @@ def _mma_kind(ptx: str) -> str:
 
 def compile_config(config: TileConfig, arch: int, dtype: str = "bfloat16", split_k: int = 1) -> CompileReport:
     """Compile one configuration for `sm_{arch}` and check its cubin (see the module docstring)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from sinkkernels.triton_sparse24 import _sparse24_kernel as kernel
 
-    signature = _signature(kernel, dtype, split_k)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
-               if name.endswith("_ptr") or name in ALIGNED_INTS}
-    constants = {"HAS_BIAS": True, "SPLIT_K": split_k, "DOT_FP32": False, **config.constexprs()}
-    source = ASTSource(kernel, signature, constexprs=constants, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    compiled = _compile(kernel, dtype, split_k, arch, {"DOT_FP32": False, **config.constexprs()},
+                        config.num_warps, config.num_stages)
     registers, spill = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     report = CompileReport(arch, dtype, split_k, config, registers, spill, compiled.metadata.shared,
@@ -148,6 +159,41 @@ def compile_config(config: TileConfig, arch: int, dtype: str = "bfloat16", split
         report.problems.append("the dot does not use tensor cores")
     if not report.async_copies:
         report.problems.append("no cp.async: the weight tiles are not streamed asynchronously")
+    return report
+
+
+@dataclass
+class SmallMReport:
+    """The small-M (CUDA-core) kernel at one M size class: what its cubin uses."""
+
+    arch: int
+    dtype: str
+    split_k: int
+    block_m: int
+    block_n: int
+    block_v: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+
+def compile_small_m(block_m: int, arch: int, dtype: str = "bfloat16", split_k: int = 1) -> SmallMReport:
+    """The small-M kernel with the tiles `small_m_tiles` gives M = block_m: no spill, shared memory in budget."""
+    from sinkkernels.triton_sparse24 import _sparse24_small_m_kernel as kernel
+    from sinkkernels.triton_sparse24 import SmallMTiles, small_m_blocks
+
+    block_n, block_v = small_m_blocks(block_m)
+    launch = SmallMTiles(block_n, block_v, split_k)
+    compiled = _compile(kernel, dtype, split_k, arch, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_V": block_v},
+                        launch.num_warps, launch.num_stages)
+    registers, spill = _resource_usage(compiled.asm["cubin"])
+    report = SmallMReport(arch, dtype, split_k, block_m, block_n, block_v, registers, spill,
+                          compiled.metadata.shared)
+    if spill:
+        report.problems.append(f"spills {spill} bytes per thread to local memory")
+    if report.shared_bytes > ARCHITECTURES[arch][1]:
+        report.problems.append(f"needs {report.shared_bytes} bytes of shared memory")
     return report
 
 
@@ -191,13 +237,21 @@ def main(argv: list[str] | None = None) -> int:
             for c in configs]
     reports = [compile_config(c, arch, dtype, split)
                for c, arch, dtype, split in tqdm(jobs, desc="compiling", unit="kernel", file=sys.stderr)]
+    small = [] if args.config else [compile_small_m(block_m, arch, dtype, split) for arch in args.arch
+                                    for dtype in args.dtype for split in args.split_k for block_m in SMALL_M_SIZES]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import triton
     args.out.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,
-                                    "reports": [asdict(r) for r in reports]}, indent=1) + "\n")
+                                    "reports": [asdict(r) for r in reports],
+                                    "small_m_reports": [asdict(r) for r in small]}, indent=1) + "\n")
     print(markdown(reports))
-    failed = [r for r in reports if r.problems]
-    print(f"\n{len(reports) - len(failed)}/{len(reports)} compilations clean; wrote {args.out}")
+    for r in small:
+        print(f"small-M kernel sm_{r.arch} {r.dtype} split-K {r.split_k} BLOCK_M={r.block_m} "
+              f"({r.block_n}x{r.block_v}): {r.registers} registers, {r.spill_bytes} B spill, "
+              f"{r.shared_bytes} B shared {'; '.join(r.problems)}")
+    failed = [r for r in reports + small if r.problems]
+    total = len(reports) + len(small)
+    print(f"\n{total - len(failed)}/{total} compilations clean; wrote {args.out}")
     return 1 if failed else 0
 
 

@@ -100,6 +100,105 @@ def _sparse24_kernel(
         tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=out_ok)
 
 
+@triton.jit
+def _sparse24_small_m_kernel(
+    xt_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_vn, stride_meta_n, stride_ys,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Small M on CUDA cores: each kept value multiplies the row of x^T (BLOCK_M wide, padded) that its
+    # metadata names, so the weight is read once, compressed, and never expanded to a dense tile. BLOCK_V
+    # counts kept values (half of K); SPLIT_K programs split them and write fp32 partial sums.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    kept = K // 2
+    span = tl.cdiv(kept, SPLIT_K * BLOCK_V) * BLOCK_V
+    begin = pid_k * span
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for v0 in range(begin, tl.minimum(begin + span, kept), BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        ok = n_ok[:, None] & (offs_v < kept)[None, :]
+        values = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :], mask=ok, other=0.0)
+        group = offs_v // 2
+        byte = tl.load(meta_ptr + offs_n[:, None] * stride_meta_n + (group // 2)[None, :], mask=ok, other=0)
+        nibble = (byte.to(tl.int32) >> ((group % 2) * 4)[None, :]) & 15
+        column = tl.where((offs_v % 2 == 0)[None, :], nibble & 3, nibble >> 2) + (group * 4)[None, :]
+        xs = tl.load(xt_ptr + column[:, :, None] * BLOCK_M + offs_m[None, None, :],
+                     mask=ok[:, :, None] & m_ok[None, None, :], other=0.0)
+        acc += tl.sum(values.to(tl.float32)[:, :, None] * xs.to(tl.float32), axis=1)
+    out = offs_m[None, :] * N + offs_n[:, None]
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=out_ok)
+
+
+CUDA_CORE_M = 16  # at most this many rows go to the small-M kernel
+
+
+@dataclass(frozen=True)
+class SmallMTiles:
+    """One launch configuration of the small-M kernel (BLOCK_M is M rounded up to a power of two)."""
+
+    block_n: int = 32
+    block_v: int = 32
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def small_m_blocks(block_m: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_V) for BLOCK_M rows: about 2K products per program and step, which compile for sm_90
+    with no spill and under 80 registers (`python -m benchmarks.compile_check`)."""
+    return (32, 64) if block_m <= 1 else (16, 32) if block_m <= 4 else (16, 16) if block_m <= 8 else (8, 16)
+
+
+def small_m_tiles(m: int, n: int, k: int, device: torch.device) -> SmallMTiles:
+    """The blocks for M's size class; K split until the programs fill the multiprocessors a few times."""
+    block_n, block_v = small_m_blocks(triton.next_power_of_2(m))
+    if INTERPRET:
+        return SmallMTiles(block_n, block_v)
+    programs = triton.cdiv(n, block_n)
+    split_k = max(1, min(8, 4 * _sm_count(device) // programs, k // 2 // (4 * block_v)))
+    return SmallMTiles(block_n, block_v, split_k)
+
+
+def _sparse24_small_m(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                      tiles: SmallMTiles) -> torch.Tensor:
+    m, k = x.shape
+    n = values.shape[0]
+    block_m = triton.next_power_of_2(m)
+    xt = torch.zeros((k, block_m), dtype=x.dtype, device=x.device)
+    xt[:, :m] = x.t()
+    split_k = tiles.split_k
+    y = torch.empty((m, n) if split_k == 1 else (split_k, m, n), dtype=x.dtype if split_k == 1 else torch.float32,
+                    device=x.device)
+    grid = (triton.cdiv(n, tiles.block_n), split_k)
+    _sparse24_small_m_kernel[grid](xt, values, meta, bias if bias is not None else y, y, m, n, k,
+                                   values.stride(0), meta.stride(0), y.stride(0) if split_k > 1 else 0,
+                                   HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m,
+                                   BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
+                                   num_stages=tiles.num_stages)
+    return y if split_k == 1 else _sum_partials(y, bias, x.dtype)
+
+
+def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The split-K partial sums (fp32) added in a fixed order (deterministic), then the bias."""
+    total = partials.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(dtype)
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small-M tiles (memory-bound: wide K steps, narrow N for
 # more programs) and large-M tiles (compute-bound). Each compiles for sm_80 and sm_90 with no register spill and
 # within shared memory: `python -m benchmarks.compile_check` checks them without a GPU (tests/test_kernels_compile.py).
@@ -164,16 +263,20 @@ def _check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-                    tiles: Tiles | None = None) -> torch.Tensor:
+                    tiles: Tiles | SmallMTiles | None = None) -> torch.Tensor:
     """`x (M, K) @ W^T + bias` for W `(N, K)` packed as (values, meta) by `sinkkernels.formats.pack`.
 
-    `tiles=None` autotunes on GPU (and picks split-K for small M) and uses
-    `INTERPRETER_TILES` in the interpreter; pass `Tiles` to force one configuration.
+    `tiles=None`: M <= CUDA_CORE_M runs the small-M kernel (CUDA cores, no dense tile);
+    larger M the tensor-core kernel, autotuned on GPU (with split-K for small M) or with
+    `INTERPRETER_TILES` in the interpreter. `Tiles` forces the tensor-core kernel and its
+    configuration, `SmallMTiles` the small-M kernel and its.
     """
     _check_inputs(x, values, meta, bias)
     x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     m, k = x.shape
     n = values.shape[0]
+    if isinstance(tiles, SmallMTiles) or (tiles is None and m <= CUDA_CORE_M):
+        return _sparse24_small_m(x, values, meta, bias, tiles or small_m_tiles(m, n, k, x.device))
     if tiles is None and INTERPRET:
         tiles = INTERPRETER_TILES
     elif tiles is None and os.environ.get(ENV_AUTOTUNE) == "0":
@@ -195,9 +298,4 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), split_k)
         _sparse24_kernel[grid](*args, **flags, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                                BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    if split_k == 1:
-        return y
-    total = y.sum(0)
-    if bias is not None:
-        total += bias.float()
-    return total.to(x.dtype)
+    return y if split_k == 1 else _sum_partials(y, bias, x.dtype)

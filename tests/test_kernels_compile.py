@@ -64,3 +64,13 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--out", str(out)], cwd=ROOT,
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr and not out.exists()
+
+
+def test_small_m_kernel_compiles_without_spill_at_every_size_class(tmp_path):
+    from benchmarks.compile_check import SMALL_M_SIZES
+
+    result, _ = compile_check(tmp_path, "--dtype", "bfloat16", "--arch", "90", "--split-k", "1", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    small = json.loads((tmp_path / "compile.json").read_text())["small_m_reports"]
+    assert sorted({r["block_m"] for r in small}) == list(SMALL_M_SIZES) and len(small) == 2 * len(SMALL_M_SIZES)
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 128 for r in small), small

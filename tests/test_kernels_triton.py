@@ -100,3 +100,35 @@ def test_sparse24_linear_triton_backend_equals_dense_backend():
     triton_layer = Sparse24Linear.from_dense(weight, bias, backend="triton")
     assert triton_layer.plan.backends == ("triton",)
     assert_matches(triton_layer(x).reshape(6, 40), x.reshape(6, 72), weight, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_small_m_kernel_equals_the_dense_product(dtype, m, split_k):
+    """The CUDA-core kernel for M <= 16 (no dense tile): odd M, K split unevenly, bias, N not a multiple of
+    its block."""
+    from sinkkernels.triton_sparse24 import SmallMTiles
+
+    weight = random_24_weight(40, 96, dtype, DEVICE, seed=m)
+    bias = torch.randn(40, device=DEVICE).to(dtype)
+    x = torch.randn(m, 96, device=DEVICE).to(dtype)
+    values, meta = formats.pack(weight)
+    y = sparse24_matmul(x, values, meta, bias, tiles=SmallMTiles(block_n=16, block_v=16, split_k=split_k))
+    assert y.shape == (m, 40) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), reference(x, weight, bias), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_default_path_sends_small_m_to_the_cuda_core_kernel(monkeypatch):
+    from sinkkernels import triton_sparse24
+
+    calls = []
+    real = triton_sparse24._sparse24_small_m
+    monkeypatch.setattr(triton_sparse24, "_sparse24_small_m", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    weight = random_24_weight(32, 64, torch.float32, DEVICE)
+    values, meta = formats.pack(weight)
+    for m in (1, 16, 17):
+        x = torch.randn(m, 64, device=DEVICE)
+        torch.testing.assert_close(sparse24_matmul(x, values, meta).double(), reference(x, weight, None),
+                                   rtol=1e-5, atol=1e-5)
+    assert calls == [1, 16]
