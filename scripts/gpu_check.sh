@@ -3,10 +3,11 @@
 # its output to OUT/<stage>.txt (and JSON/PNG beside it), ready for docs/BENCHMARKS.md; a failing stage
 # does not stop the others, and the exit status is 1 if any failed.
 #
-#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench step (default: all, in order)
+#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench step serving (default: all)
 #
 # Every stage is time-boxed (STAGE_SECONDS, default 240) so an overrun loses only that stage; BENCH_ARGS
-# replaces the kernel benchmark's default arguments (for a shorter run), STEP_ARGS adds to the step benchmark's.
+# replaces the kernel benchmark's default arguments (for a shorter run), STEP_ARGS adds to the step benchmark's,
+# SERVING_ARGS to the serving benchmark's.
 #
 # PYTHON (default python3, which holds torch on the lent GPU machines) runs everything; it needs torch with
 # CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Budget on an H100:
@@ -15,12 +16,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 shift $(( $# > 0 ? 1 : 0 ))
-stages=("${@:-env ext tests compile bench step}")
+stages=("${@:-env ext tests compile bench step serving}")
 stages=(${stages[*]})
 for stage in "${stages[@]}"; do
     case $stage in
-        env|ext|tests|compile|bench|step) ;;
-        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench step)" >&2; exit 2 ;;
+        env|ext|tests|compile|bench|step|serving) ;;
+        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench step serving)" >&2; exit 2 ;;
     esac
 done
 py=${PYTHON:-python3}
@@ -55,6 +56,8 @@ for stage in "${stages[@]}"; do
                   ${STEP_ARGS:-}
               run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" \
                   ${STEP_ARGS:-} ;;
+        serving) run_stage serving env SINKSERVE_TRITON_AUTOTUNE=0 "$py" -m benchmarks.bench_serving \
+                     --out "$out/serving.json" ${SERVING_ARGS:-} ;;
     esac
 done
 exit $failed
