@@ -5,10 +5,15 @@ FastAPI and Starlette answer some failures themselves (invalid JSON, invalid UTF
 bodies nested too deep, unknown paths, wrong methods, uncaught bugs) with their own
 `{"detail": ...}`; the handlers installed here turn each into this shape, so a client
 needs one parser for every error, whichever layer refused the request.
+
+Each request that reaches the router is counted once in `sinkserve_requests_total`: the
+guard (serve/guards.py) gives it an `Outcome`, the first refusal, timeout or departure of
+the client settles it, and a generation endpoint takes it over to count what it serves.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,12 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("ray.serve")
 VARIANT_HEADER = "x-dlm-variant"
 RETRY_AFTER_S = {429: 1, 503: 5, 504: 5}  # the default hint when the refusing layer gives none
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer; never sent, counted `cancelled`
+OUTCOME_KEY = "sinkserve.outcome"  # where the guard keeps a request's Outcome in its ASGI scope
 
 # status -> (OpenAI error type, outcome counted by the metrics)
 KINDS = {400: ("invalid_request_error", "invalid"), 401: ("authentication_error", "unauthorized"),
          404: ("not_found_error", "invalid"), 405: ("invalid_request_error", "invalid"),
-         413: ("invalid_request_error", "invalid"), 429: ("overloaded", "overloaded"),
-         500: ("server_error", "error"), 503: ("unavailable", "unavailable"), 504: ("timeout", "timeout")}
+         408: ("timeout", "timeout"), 413: ("invalid_request_error", "invalid"), 429: ("overloaded", "overloaded"),
+         CLIENT_CLOSED: ("cancelled", "cancelled"), 500: ("server_error", "error"),
+         503: ("unavailable", "unavailable"), 504: ("timeout", "timeout")}
 
 
 def outcome_of(status: int) -> str:
@@ -81,9 +89,40 @@ def _is_field(part) -> bool:
     return isinstance(part, int) or (str(part).isidentifier() and part not in ("str", "int", "float", "bool"))
 
 
+class Outcome:
+    """One request's entry in `sinkserve_requests_total`, written at most once.
+
+    Settled by the first of: a refusal before a variant was chosen (`refused(status)`, counted
+    through the deployment's `app.state.count_refusal` with `variant="none"`), the client
+    leaving (`refused(CLIENT_CLOSED)`), or a generation endpoint taking the request over
+    (`take_over()`), which from then on counts it itself, with its variant. Whatever comes
+    after (the 400 FastAPI makes of a body cut short, an error raised after a stream was
+    counted) is not counted again."""
+
+    def __init__(self, count_refusal: Callable[[int], None]):
+        self._count_refusal = count_refusal
+        self.settled = False
+
+    def refused(self, status: int) -> None:
+        if not self.settled:
+            self.settled = True
+            self._count_refusal(status)
+
+    def take_over(self) -> None:
+        self.settled = True
+
+
+def request_outcome(scope: dict) -> Outcome:
+    """The request's Outcome (one that counts nothing when no guard runs, as in unit tests)."""
+    return scope.get(OUTCOME_KEY) or Outcome(lambda status: None)
+
+
 def count_refusal(request: Request, status: int) -> None:
-    """Count a refusal made before the request reached a variant, through the counter the
-    deployment put in `app.state.count_refusal` (so every outcome is counted)."""
+    """Count a refusal made before the request reached a variant: once per request, through
+    its Outcome, else (no guard) through the deployment's `app.state.count_refusal`."""
+    if OUTCOME_KEY in request.scope:
+        request.scope[OUTCOME_KEY].refused(status)
+        return
     counter = getattr(request.app.state, "count_refusal", None)
     if counter is not None:
         counter(status)

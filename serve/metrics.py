@@ -133,3 +133,13 @@ class RouterMetrics:
     def outcome(self, variant: str | None, status: str) -> None:
         assert status in OUTCOMES, status
         self.requests.inc(1, tags={"variant": variant or NO_VARIANT, "status": status})
+
+
+def header_timeouts_counter():
+    """Requests whose headers did not arrive in time, counted in Serve's HTTP proxy (a plain Ray
+    worker, not a replica: `ray.util.metrics`); they never reached the router, whose
+    `requests_total` counts everything else."""
+    from ray.util.metrics import Counter as RayCounter
+
+    return RayCounter(PREFIX + "header_timeouts", "Requests answered 408 and closed by Serve's HTTP proxy because "
+                      "their headers did not arrive in time (they never reached the router)", tag_keys=("variant",))

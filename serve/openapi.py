@@ -1,9 +1,10 @@
 """The OpenAPI document as the deployment really behaves.
 
 FastAPI documents 200 and 422 only; this API never answers 422 (validation errors are
-400s in OpenAI's shape) and does answer 401, 404, 413, 429, 500, 503 and 504, streams
-`text/event-stream`, accepts only the model names it serves and at most the
-`max_tokens` it is configured for. Built once per deployment from its configuration.
+400s in OpenAI's shape) and does answer 401, 404, 408, 413, 429, 500, 503 and 504, streams
+`text/event-stream`, accepts only the model names it serves and at most the `max_tokens`
+the served model can generate (its sequence length minus the prompt, and at most what the
+deployment is configured for). Built once per deployment from its configuration.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ DESCRIPTIONS = {
          "vocabulary size, chat needs a model with a chat template.",
     401: "Missing or wrong API key (`Authorization: Bearer <key>`).",
     404: "Unknown model name.",
+    408: "The request body did not arrive whole within the deployment's deadline (`body_timeout_s`); the "
+         "connection is closed.",
     413: "Request body over the configured limit.",
-    429: "The variant's queue is full; retry after `Retry-After` seconds.",
+    429: "The variant's queue is full, or the router holds as many requests (or bodies still arriving) as it "
+         "may; retry after `Retry-After` seconds.",
     500: "A bug while serving this request (this request only).",
     503: "No replica of the variant can serve now; retry after `Retry-After` seconds.",
     504: "The variant did not answer in time.",
@@ -57,13 +61,24 @@ def statuses(path: str, auth: bool) -> list[int]:
         return [503]
     errors = [401] if auth else []
     if path in GENERATION_PATHS:
-        errors += [400, 404, 413, 429, 500, 503, 504]
+        errors += [400, 404, 408, 413, 429, 500, 503, 504]
     else:
         errors += [500]
     return sorted(errors)
 
 
-def build(app: FastAPI, model_names: list[str], max_tokens: int, auth: bool) -> dict:
+def max_tokens_rule(max_tokens: int, max_sequence: int | None) -> str:
+    """What `max_tokens` may be on this deployment, in words (the document and refusals say the same)."""
+    rule = f"at most {max_tokens} on this deployment"
+    if max_sequence:
+        rule += (f", and prompt tokens + max_tokens at most {max_sequence} (the served model's sequence length), "
+                 f"so at most {max_sequence} minus the prompt's tokens")
+    return rule
+
+
+def build(app: FastAPI, model_names: list[str], max_tokens: int, auth: bool, max_sequence: int | None = None) -> dict:
+    """`max_tokens`: the most a request may ask here, already within the model's `max_sequence`
+    (prompt included; None when unknown)."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
@@ -77,6 +92,7 @@ def build(app: FastAPI, model_names: list[str], max_tokens: int, auth: bool) -> 
         if "max_tokens" in properties:
             properties["max_tokens"]["maximum"] = max_tokens
             properties["max_tokens"]["default"] = min(properties["max_tokens"]["default"], max_tokens)
+            properties["max_tokens"]["description"] = f"tokens to generate: {max_tokens_rule(max_tokens, max_sequence)}"
     if auth:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, operations in schema["paths"].items():

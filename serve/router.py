@@ -36,11 +36,17 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve import api_errors, openapi
-from serve.api_errors import VARIANT_HEADER, APIError, outcome_of
+from serve.api_errors import VARIANT_HEADER, APIError, outcome_of, request_outcome
 from serve.canary import CanaryController
 from serve.canary_store import GcsStore
 from serve.cost import TokenRate, cost_per_million, replica_hour_price
-from serve.guards import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, RequestGuard
+from serve.guards import (
+    API_KEY_ENV,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_READING_REQUESTS,
+    RequestGuard,
+)
 from serve.metrics import RouterMetrics
 from serve.quality import PairResult, QualityChecker
 from serve.router_config import RouterSettings
@@ -156,20 +162,28 @@ class ABRouter:
     def __init__(self, variants: dict[str, DeploymentHandle], model_name: str = "sinkserve",
                  routing: dict | None = None, request_timeout_s: float = 300.0, max_tokens: int = MAX_TOKENS_LIMIT,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe_timeout_s: float = 5.0,
-                 max_concurrent_requests: int = 512, variant_specs: dict[str, dict] | None = None):
+                 max_concurrent_requests: int = 512, variant_specs: dict[str, dict] | None = None,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 max_reading_requests: int = DEFAULT_MAX_READING_REQUESTS, max_sequence: int | None = None):
         """`variant_specs`: each variant's model, device and replica count (cost, and what
-        identifies a canary rollout)."""
+        identifies a canary rollout). `max_tokens` is what a request may ask, already within
+        `max_sequence` (the shortest sequence of the variants' models, prompt included; None
+        when it could not be read), which the OpenAPI document and refusals state."""
         self.handles = variants
         self.variant_specs = variant_specs or {v: {"model": v, "device": "cpu", "num_replicas": 1} for v in variants}
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
         self.max_tokens = max_tokens
+        self.max_sequence = max_sequence
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight = 0  # generation requests this router holds (streams until they end)
         self.metrics = RouterMetrics()
         self.health = VariantHealth(lambda v: self.handles[v].info.remote(), sorted(variants), probe_timeout_s,
                                     on_down=lambda v: self.metrics.variant_down.inc(1, tags={"variant": v}))
         app.state.max_body_bytes = max_body_bytes
+        app.state.body_timeout_s = body_timeout_s
+        app.state.max_reading_requests = max_reading_requests
+        app.state.reading_requests = 0
         app.state.count_refusal = lambda status: self.metrics.outcome(None, outcome_of(status))
         self._openapi: dict | None = None
         app.openapi = self._openapi_schema
@@ -224,7 +238,7 @@ class ABRouter:
     def _openapi_schema(self) -> dict:
         if self._openapi is None:
             self._openapi = openapi.build(app, self._model_names(), self.max_tokens,
-                                          auth=bool(os.environ.get(API_KEY_ENV)))
+                                          auth=bool(os.environ.get(API_KEY_ENV)), max_sequence=self.max_sequence)
         return self._openapi
 
     # ---- assignment ------------------------------------------------------------------
@@ -239,8 +253,8 @@ class ABRouter:
         if "max_tokens" not in body.model_fields_set:  # the default may not exceed this deployment's limit
             body.max_tokens = min(body.max_tokens, self.max_tokens)
         if body.max_tokens > self.max_tokens:
-            raise APIError(400, f"max_tokens: at most {self.max_tokens} on this deployment, got {body.max_tokens}",
-                           param="max_tokens")
+            raise APIError(400, f"max_tokens: {openapi.max_tokens_rule(self.max_tokens, self.max_sequence)}, "
+                                f"got {body.max_tokens}", param="max_tokens")
 
     def _forced(self, request: Request, body) -> str | None:
         """The variant a request names (header, or a `sinkserve:<variant>` model); same on every endpoint."""
@@ -331,6 +345,7 @@ class ABRouter:
     async def _serve(self, body, request: Request):
         """Every generation endpoint: check, assign, run (with one failover), answer or stream;
         every outcome counted once for the variant that answered."""
+        request_outcome(request.scope).take_over()  # counted here from now on, not by the guard
         variant, streaming, started = None, False, time.monotonic()
         if self.in_flight >= self.max_concurrent_requests:  # refused here, in the error shape, with Retry-After
             self.metrics.outcome(None, "overloaded")
@@ -438,6 +453,12 @@ class ABRouter:
         if decision is not None or self.canary.weight != weight:
             self._route()
         self.metrics.canary_weight.set(self.canary.weight, tags={"variant": policy.variant})
+
+    async def load(self) -> dict:
+        """What this router replica holds now (a handle call, not HTTP): generation requests,
+        requests still sending their bodies, and the asyncio tasks of its event loop."""
+        return {"in_flight": self.in_flight, "reading": app.state.reading_requests,
+                "tasks": len(asyncio.all_tasks())}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self):

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from serve.requests import MAX_SEED, unicode_problem
 from sinkprune.dlm.decoding import POLICIES
 
-MAX_TOKENS_LIMIT = 4096
+MAX_TOKENS_LIMIT = 4096  # the most any deployment may allow; the served model's sequence may allow less
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -96,7 +96,9 @@ class DLMKnobs(BaseModel):
 class SharedFields(DLMKnobs):
     """What every generation endpoint takes, with the same rules."""
 
-    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT)
+    # its ceiling is the deployment's (the model's sequence minus the prompt): checked by the router,
+    # stated by the OpenAPI document, so that no message names a number the model cannot honour
+    max_tokens: int = Field(64, ge=1, description="tokens to generate")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the same seed gives the same answer")
     stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=4)] | None = None

@@ -44,16 +44,29 @@ def model_type(request) -> str:
     return request.param
 
 
+# Deadlines for reading a request in the shared app: short, so that slow clients are dealt with
+# within a test, and still far above what a whole request takes to arrive over loopback.
+BODY_TIMEOUT_S = 5.0
+HEADER_TIMEOUT_S = 5.0
+
+
 @pytest.fixture(scope="session")
 def app(tmp_path_factory):
     """The Serve app on 127.0.0.1 (embedded model as `dense`, a 2:4 artifact as `pruned`) and a real
-    Prometheus scraping it; shared by every end-to-end test module (it takes minutes to start)."""
+    Prometheus scraping it; shared by every end-to-end test module (it takes minutes to start).
+    Serve's proxy gets the header deadline (serve.guards.PROXY_ENV, read when Ray starts)."""
+    from serve.guards import HEADER_TIMEOUT_ENV, PROXY_ENV
     from serve.local import local_app
     from tests.e2e import make_dense_and_pruned, prometheus
 
     root = tmp_path_factory.mktemp("serve")
     dense, pruned = make_dense_and_pruned(root)
-    args = {"model": dense, "pruned": pruned, "max_tokens": 32, "max_concurrent_requests": 24}
-    with local_app(args) as (base_url, metrics_url):
-        with prometheus(metrics_url, root) as query:
-            yield SimpleNamespace(base_url=base_url, metrics_url=metrics_url, query=query, pruned=pruned)
+    args = {"model": dense, "pruned": pruned, "max_tokens": 32, "max_concurrent_requests": 24,
+            "body_timeout_s": BODY_TIMEOUT_S}
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**PROXY_ENV, HEADER_TIMEOUT_ENV: str(HEADER_TIMEOUT_S)}.items():
+            env.setenv(key, value)
+        with local_app(args) as (base_url, metrics_url):
+            with prometheus(metrics_url, root) as query:
+                yield SimpleNamespace(base_url=base_url, metrics_url=metrics_url, query=query, pruned=pruned,
+                                      body_timeout_s=BODY_TIMEOUT_S, header_timeout_s=HEADER_TIMEOUT_S)
