@@ -136,7 +136,10 @@ def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | 
     from ray._private import ray_constants
 
     from serve.app import build_app
+    from serve.guards import PROXY_ENV
 
+    for key, value in PROXY_ENV.items():  # the proxy's header deadline: read when Ray starts the proxy
+        os.environ.setdefault(key, value)
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: ray may have been imported before the env was set
     http_port = http_port or free_port()
     metrics_port = metrics_port or free_port()
@@ -227,7 +230,8 @@ def _non_finite(node, where: str = "") -> tuple[str, float] | None:
 
 def build_parser():
     from serve.schemas import MAX_TOKENS_LIMIT
-    from sinkprune.cli_args import Parser, add_version_flag, existing_file, integer, nonempty_path, port_number
+    from serve.guards import DEFAULT_BODY_TIMEOUT_S
+    from sinkprune.cli_args import Parser, add_version_flag, existing_file, integer, nonempty_path, number, port_number
 
     parser = Parser(prog="python -m serve.local",
                     description="serve a dense and a pruned variant locally until Ctrl-C or SIGTERM")
@@ -237,7 +241,11 @@ def build_parser():
     parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--metrics-port", type=port_number, default=8080, help="must differ from --port")
     parser.add_argument("--max-tokens", type=integer(1, MAX_TOKENS_LIMIT), default=None,
-                        help="largest max_tokens a request may ask (default: the API's limit)")
+                        help="largest max_tokens a request may ask (default: what the models' sequence length allows "
+                        "after a one-token prompt)")
+    parser.add_argument("--body-timeout-s", type=number(0, 3600, lo_open=True), default=None,
+                        help=f"a request's body must arrive within this many seconds, else 408 (default: "
+                        f"{DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--max-body-bytes", type=integer(1024, 1 << 30), default=None,
                         help="request bodies over it get 413 (default: 1 MiB)")
     parser.add_argument("--host", default=LOOPBACK, type=nonempty_path,
@@ -271,7 +279,8 @@ def main() -> None:
     except (ModelLoadError, ValueError) as err:
         raise SystemExit(error_line(parser.prog, str(err))) from None
     app_args = {k: v for k, v in {"model": args.model, "pruned": args.pruned, "max_tokens": args.max_tokens,
-                                  "max_body_bytes": args.max_body_bytes}.items() if v is not None} | router
+                                  "max_body_bytes": args.max_body_bytes,
+                                  "body_timeout_s": args.body_timeout_s}.items() if v is not None} | router
     try:  # the app's own argument rules, checked before Ray starts
         config = AppArgs.model_validate(app_args)
         RouterSettings.model_validate(router).check_variants(sorted(config.variants))
