@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.config import EngineConfig
-from serve.engine import DLMEngine, StepStats
-from serve.requests import DEFAULT_REMASKING, GenerationRequest, RequestOutput
+from serve.engine.config import EngineConfig
+from serve.engine.engine import DLMEngine, StepStats
+from serve.engine.requests import DEFAULT_REMASKING, GenerationRequest, RequestOutput
 from sinkprune.dlm.config import LLADA
 from sinkprune.dlm.generate import generate
 from sinkprune.dlm.likelihood import estimate_nll, paired_difference

@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.bench_engine import run_engine
 from benchmarks.bench_step import build, prune_24
-from serve.config import EngineConfig
-from serve.requests import GenerationRequest
+from serve.engine.config import EngineConfig
+from serve.engine.requests import GenerationRequest
 from sinkkernels.measure import engine_m_values, swap_for_serving
 
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from loadtest.online import increase, markdown_lines, online_sections, parse_exposition
-from serve.cost import cost_per_million
+from serve.decisions.cost import cost_per_million
 from sinkprune.cli_args import Parser, add_version_flag, error_line, existing_dir, existing_file, number, output_dir
 from sinkprune.safe_output import add_overwrite_flag, check_output, staged_output
 

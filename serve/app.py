@@ -16,12 +16,12 @@ import logging
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
-from serve.config import EngineConfig
-from serve.guards import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_READING_REQUESTS
+from serve.api.guards import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_READING_REQUESTS
+from serve.api.schemas import MAX_TOKENS_LIMIT
+from serve.decisions.router_config import CanaryPolicy, CostSettings, QualitySettings, RouterSettings
+from serve.engine.config import EngineConfig
+from serve.ingress import ABRouter
 from serve.replica import ModelReplica
-from serve.router import ABRouter
-from serve.router_config import CanaryPolicy, CostSettings, QualitySettings, RouterSettings
-from serve.schemas import MAX_TOKENS_LIMIT
 
 log = logging.getLogger("ray.serve")
 # Serve hands the router more requests than it serves at once (quick refusals, health probes)

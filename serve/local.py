@@ -136,7 +136,7 @@ def local_app(app_args: dict, http_port: int | None = None, metrics_port: int | 
     from ray._private import ray_constants
 
     from serve.app import build_app
-    from serve.guards import PROXY_ENV
+    from serve.api.guards import PROXY_ENV
 
     for key, value in PROXY_ENV.items():  # the proxy's header deadline: read when Ray starts the proxy
         os.environ.setdefault(key, value)
@@ -229,8 +229,8 @@ def _non_finite(node, where: str = "") -> tuple[str, float] | None:
 
 
 def build_parser():
-    from serve.schemas import MAX_TOKENS_LIMIT
-    from serve.guards import DEFAULT_BODY_TIMEOUT_S
+    from serve.api.schemas import MAX_TOKENS_LIMIT
+    from serve.api.guards import DEFAULT_BODY_TIMEOUT_S
     from sinkprune.cli_args import Parser, add_version_flag, existing_file, integer, nonempty_path, number, port_number
 
     parser = Parser(prog="python -m serve.local",
@@ -260,7 +260,7 @@ def main() -> None:
     from pydantic import ValidationError
 
     from serve.app import AppArgs
-    from serve.router_config import RouterSettings
+    from serve.decisions.router_config import RouterSettings
     from sinkprune.cli_args import error_line
     from sinkprune.dlm.loading import ModelLoadError, read_config, resolve_model_dir
 

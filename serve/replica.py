@@ -17,10 +17,10 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from serve.config import EngineConfig
-from serve.engine import DLMEngine, StepStats
+from serve.engine.config import EngineConfig
+from serve.engine.engine import DLMEngine, StepStats
 from serve.metrics import ReplicaMetrics
-from serve.requests import FINISHED, EngineOverloaded, GenerationRequest, RequestError, RequestOutput
+from serve.engine.requests import FINISHED, EngineOverloaded, GenerationRequest, RequestError, RequestOutput
 
 log = logging.getLogger("ray.serve")
 

@@ -54,8 +54,8 @@ HEADER_TIMEOUT_S = 5.0
 def app(tmp_path_factory):
     """The Serve app on 127.0.0.1 (embedded model as `dense`, a 2:4 artifact as `pruned`) and a real
     Prometheus scraping it; shared by every end-to-end test module (it takes minutes to start).
-    Serve's proxy gets the header deadline (serve.guards.PROXY_ENV, read when Ray starts)."""
-    from serve.guards import HEADER_TIMEOUT_ENV, PROXY_ENV
+    Serve's proxy gets the header deadline (serve.api.guards.PROXY_ENV, read when Ray starts)."""
+    from serve.api.guards import HEADER_TIMEOUT_ENV, PROXY_ENV
     from serve.local import local_app
     from tests.e2e import make_dense_and_pruned, prometheus
 

@@ -16,10 +16,10 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serve import api_errors, guards
-from serve.guards import API_KEY_ENV, RequestGuard, bearer_token, with_header_deadline
+from serve.api import api_errors, guards
+from serve.api.guards import API_KEY_ENV, RequestGuard, bearer_token, with_header_deadline
+from serve.api.schemas import CompletionRequest
 from serve.local import free_port
-from serve.schemas import CompletionRequest
 
 LIMIT = 4096
 KEY = "s3cret-key"
@@ -278,7 +278,7 @@ def test_an_answer_before_the_body_arrived_closes_the_connection(server, monkeyp
     assert status == 413 and headers["connection"] == "close"
 
 
-# the header deadline (Serve's proxy runs uvicorn; serve.guards.proxy_callback installs it there)
+# the header deadline (Serve's proxy runs uvicorn; serve.api.guards.proxy_callback installs it there)
 
 HEADER_TIMEOUT_S = 0.5
 
@@ -329,7 +329,7 @@ def test_the_proxy_callback_installs_the_deadline_and_adds_no_middleware(monkeyp
     assert guards.proxy_callback() == []
     protocol = import_from_string(config.HTTP_PROTOCOLS["auto"])  # what uvicorn's Config.load resolves
     assert protocol is guards.PROXY_PROTOCOL and issubclass(protocol, HttpToolsProtocol)
-    assert list(guards.PROXY_ENV.values()) == ["serve.guards.proxy_callback"]
+    assert list(guards.PROXY_ENV.values()) == ["serve.api.guards.proxy_callback"]
     for raw, expected in (("2.5", 2.5), ("", guards.DEFAULT_HEADER_TIMEOUT_S), ("0", guards.DEFAULT_HEADER_TIMEOUT_S),
                           ("soon", guards.DEFAULT_HEADER_TIMEOUT_S), ("inf", guards.DEFAULT_HEADER_TIMEOUT_S)):
         monkeypatch.setenv(guards.HEADER_TIMEOUT_ENV, raw)

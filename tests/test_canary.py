@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.canary import COMPLETE, PROMOTE, ROLLBACK, ROLLED_BACK, CanaryController, StepWindow, judge
-from serve.router_config import CanaryPolicy
+from serve.decisions.canary import COMPLETE, PROMOTE, ROLLBACK, ROLLED_BACK, CanaryController, StepWindow, judge
+from serve.decisions.router_config import CanaryPolicy
 
 MODELS = {"dense": "embedded", "pruned": "runs/pruned"}
 

@@ -214,8 +214,8 @@ def test_unknown_key_check_catches_a_typo():
 
 def test_app_args_engines_and_routing_validate_with_the_apps_own_types():
     from serve.app import AppArgs
-    from serve.config import EngineConfig
-    from serve.router_config import RouterSettings
+    from serve.engine.config import EngineConfig
+    from serve.decisions.router_config import RouterSettings
 
     app = serve_config()["applications"][0]
     args = AppArgs.model_validate(app["args"])

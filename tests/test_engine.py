@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from serve.config import EngineConfig
-from serve.detokenizer import IncrementalText
-from serve.engine import DLMEngine, StepStats
-from serve.requests import BLOCK, DEFAULT_REMASKING, FINISHED, TOKENS, EngineError, EngineOverloaded, \
+from serve.engine.config import EngineConfig
+from serve.engine.detokenizer import IncrementalText
+from serve.engine.engine import DLMEngine, StepStats
+from serve.engine.requests import BLOCK, DEFAULT_REMASKING, FINISHED, TOKENS, EngineError, EngineOverloaded, \
     GenerationRequest, RequestError, RequestOutput
 from sinkprune.dlm.generate import generate
 from tests.conftest import MASK_ID, PAD_ID, random_model

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from serve.config import EngineConfig
-from serve.engine import DLMEngine
+from serve.engine.config import EngineConfig
+from serve.engine.engine import DLMEngine
 from tests.conftest import random_model
 from tests.test_engine import final, random_requests, serve
 

@@ -1,4 +1,5 @@
-"""The product packages never import the benchmarks (DESIGN.md: benchmarks import the product)."""
+"""Layering: the product never imports the benchmarks (DESIGN.md), and serve/'s engine and decisions
+import neither Ray nor FastAPI."""
 from __future__ import annotations
 
 import ast
@@ -29,3 +30,18 @@ def test_no_benchmark_script_is_left_in_a_product_package():
     leftovers = [str(path.relative_to(ROOT)) for package in PRODUCT for path in (ROOT / package).rglob("*.py")
                  if path.name.startswith("bench") or path.name == "compile_check.py"]
     assert leftovers == []
+
+
+def _room_imports(room: str, banned: tuple[str, ...]) -> list[str]:
+    return [f"{path.relative_to(ROOT)}: {name}" for path in (ROOT / "serve" / room).rglob("*.py")
+            for name in sorted(imported_modules(path)) if name.split(".")[0] in banned]
+
+
+def test_the_engine_imports_neither_ray_nor_fastapi():
+    """serve/engine/ runs in-process (benchmarks, tests, one replica): Ray and HTTP live elsewhere."""
+    assert _room_imports("engine", ("ray", "fastapi", "starlette")) == []
+
+
+def test_the_decisions_import_neither_ray_nor_fastapi():
+    """serve/decisions/ is a plain object the ingress calls: testable without Ray Serve or HTTP."""
+    assert _room_imports("decisions", ("ray", "fastapi", "starlette")) == []

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from serve.api.schemas import MAX_TOKENS_LIMIT, CompletionRequest
 from serve.app import AppArgs, max_tokens_ceiling, model_sequence
-from serve.schemas import MAX_TOKENS_LIMIT, CompletionRequest
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def embedded():
 @pytest.mark.parametrize("engine", [{}, {"max_model_len": 256}, {"max_tokens_per_step": 512},
                                     {"max_model_len": 4096}])
 def test_the_sequence_read_at_build_is_the_engines(embedded, engine):
-    from serve.config import EngineConfig
-    from serve.engine import DLMEngine
+    from serve.engine.config import EngineConfig
+    from serve.engine.engine import DLMEngine
 
     model, tokenizer = embedded
     args = AppArgs(variants={"dense": {"model": "embedded", "engine": engine}})
@@ -52,8 +52,8 @@ def test_the_schema_names_no_ceiling_of_its_own():
 
 
 def test_the_openapi_document_states_the_real_ceiling_and_the_408():
-    from serve import openapi
-    from serve.router import app
+    from serve.api import openapi
+    from serve.ingress import app
 
     document = openapi.build(app, ["sinkserve"], 1023, auth=False, max_sequence=1024)
     schemas = document["components"]["schemas"]

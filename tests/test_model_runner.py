@@ -11,9 +11,9 @@ import random
 
 import pytest
 
-from serve.config import EngineConfig
-from serve.engine import DLMEngine
-from serve.model_runner import PassShape, bucket
+from serve.engine.config import EngineConfig
+from serve.engine.engine import DLMEngine
+from serve.engine.model_runner import PassShape, bucket
 from tests.conftest import random_model
 from tests.test_engine import final, random_requests, reference, serve
 

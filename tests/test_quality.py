@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from serve.config import EngineConfig
-from serve.engine import DLMEngine
-from serve.quality import token_agreement
-from serve.requests import GenerationRequest, RequestError
+from serve.decisions.quality import token_agreement
+from serve.engine.config import EngineConfig
+from serve.engine.engine import DLMEngine
+from serve.engine.requests import GenerationRequest, RequestError
 from sinkprune.dlm.likelihood import estimate_nll
 from tests.conftest import random_model
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.router_config import RouterSettings
-from serve.routing import Router, RoutingConfig
+from serve.decisions.router_config import RouterSettings
+from serve.decisions.routing import Router, RoutingConfig
 
 
 def test_sticky_users_keep_their_variant_and_split_follows_weights():

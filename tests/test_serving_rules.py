@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from serve.requests import GenerationRequest, RequestError, longest_token_chars, prepare
-from serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from serve.variant_health import VariantHealth
+from serve.api.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from serve.decisions.variant_health import VariantHealth
+from serve.engine.requests import GenerationRequest, RequestError, longest_token_chars, prepare
 
 ENDPOINT_BODIES = {
     CompletionRequest: {"model": "sinkserve", "prompt": "hi"},

@@ -15,8 +15,8 @@ import torch
 
 from sinkprune.dlm.decoding import llada_transfer_counts
 from sinkprune.dlm.generate import DenoiseParams, block_done, denoise_step, prefix_cut
-from serve.detokenizer import IncrementalText
-from serve.requests import BLOCK, LENGTH, STOP, TOKENS, PreparedRequest, RequestOutput, \
+from serve.engine.detokenizer import IncrementalText
+from serve.engine.requests import BLOCK, LENGTH, STOP, TOKENS, PreparedRequest, RequestOutput, \
     StreamEvent, Usage
 
 

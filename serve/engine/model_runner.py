@@ -29,8 +29,8 @@ import torch
 
 from sinkprune.dlm.layers import LayerKV
 from sinkprune.dlm.model import DiffusionLM, KVCache
-from serve.requests import StreamEvent
-from serve.sequence import PassPlan, Sequence
+from serve.engine.requests import StreamEvent
+from serve.engine.sequence import PassPlan, Sequence
 
 log = logging.getLogger(__name__)
 

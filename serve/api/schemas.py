@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from serve.requests import MAX_SEED, unicode_problem
+from serve.engine.requests import MAX_SEED, unicode_problem
 from sinkprune.dlm.decoding import POLICIES
 
 MAX_TOKENS_LIMIT = 4096  # the most any deployment may allow; the served model's sequence may allow less

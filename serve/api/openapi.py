@@ -13,7 +13,7 @@ import copy
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from serve.schemas import ErrorResponse
+from serve.api.schemas import ErrorResponse
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/generate")
 STREAMING_PATHS = ("/v1/completions", "/v1/chat/completions")

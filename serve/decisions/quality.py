@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from serve.router_config import QualitySettings
+from serve.decisions.router_config import QualitySettings
 
 log = logging.getLogger("ray.serve")
 SCORED, DROPPED_BUSY, FAILED = "scored", "dropped_busy", "failed"
@@ -48,19 +48,20 @@ def _answer(output: dict) -> dict:
 class QualityChecker:
     """Samples user requests and runs their paired checks in the background.
 
-    `handles`: the variants' deployment handles; `on_result(PairResult)` records each
-    outcome (metrics, the canary's evidence)."""
+    `replicas` runs the copy and the scoring (`shadow`, `score`: `serve.decisions.decider.Replicas`);
+    `on_result(PairResult)` records each outcome (metrics, the canary's evidence)."""
 
-    def __init__(self, handles: dict, on_result: Callable[[PairResult], None], rng: random.Random | None = None):
-        self.handles, self.on_result = handles, on_result
+    def __init__(self, variants: list[str], replicas, on_result: Callable[[PairResult], None],
+                 rng: random.Random | None = None):
+        self.variants, self.replicas, self.on_result = list(variants), replicas, on_result
         self.rng = rng or random.Random()
         self.settings, self.rate, self.candidate = QualitySettings(), 0.0, None
         self.tasks: set[asyncio.Task] = set()
 
     def configure(self, settings: QualitySettings, rate: float, candidate: str | None) -> None:
         """`candidate`: the variant checked against `settings.reference` (None: the other one)."""
-        others = sorted(v for v in self.handles if v != settings.reference)
-        self.settings, self.rate = settings, rate if settings.reference in self.handles and others else 0.0
+        others = sorted(v for v in self.variants if v != settings.reference)
+        self.settings, self.rate = settings, rate if settings.reference in self.variants and others else 0.0
         self.candidate = candidate or (others[0] if others else None)
 
     def maybe_check(self, served_by: str, payload: dict, output: dict) -> bool:
@@ -96,7 +97,7 @@ class QualityChecker:
 
     async def _pair(self, served_by: str, other: str, payload: dict, output: dict) -> PairResult:
         settings, candidate = self.settings, self.candidate
-        copy = await self.handles[other].shadow.remote(payload, settings.max_busy)
+        copy = await self.replicas.shadow(other, payload, settings.max_busy)
         if copy["type"] == "dropped":
             return PairResult(candidate, DROPPED_BUSY)
         if copy["type"] != "finished":
@@ -105,8 +106,8 @@ class QualityChecker:
         answers = {served_by: output, other: copy["output"]}
         ref, cand = answers[settings.reference], answers[candidate]
         agreement = token_agreement(ref["token_ids"], cand["token_ids"])
-        scores = await self.handles[settings.reference].score.remote(
-            payload, [_answer(ref), _answer(cand)], settings.samples, output["seed"], settings.max_busy)
+        scores = await self.replicas.score(
+            settings.reference, payload, [_answer(ref), _answer(cand)], settings.samples, output["seed"], settings.max_busy)
         if scores["type"] == "dropped":
             return PairResult(candidate, DROPPED_BUSY, agreement=agreement, **copied)
         if scores["type"] != "scored":

@@ -7,7 +7,7 @@ bodies nested too deep, unknown paths, wrong methods, uncaught bugs) with their 
 needs one parser for every error, whichever layer refused the request.
 
 Each request that reaches the router is counted once in `sinkserve_requests_total`: the
-guard (serve/guards.py) gives it an `Outcome`, the first refusal, timeout or departure of
+guard (serve/api/guards.py) gives it an `Outcome`, the first refusal, timeout or departure of
 the client settles it, and a generation endpoint takes it over to count what it serves.
 """
 from __future__ import annotations

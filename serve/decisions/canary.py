@@ -20,7 +20,7 @@ import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from serve.router_config import CanaryPolicy
+from serve.decisions.router_config import CanaryPolicy
 
 FAILED_OUTCOMES = ("error", "unavailable", "timeout")  # the candidate's fault; refusals and cancels are not
 RUNNING, ROLLED_BACK, COMPLETE = "running", "rolled_back", "complete"

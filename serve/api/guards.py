@@ -12,7 +12,7 @@
   requests being served;
 - an answer given before the whole body arrived closes the connection (`Connection:
   close`), so the proxy does not keep reading what the client still sends;
-- every request gets an `Outcome` (serve/api_errors.py): a client that leaves while
+- every request gets an `Outcome` (serve/api/api_errors.py): a client that leaves while
   sending its body is counted once as `cancelled`, a deadline missed as `timeout`.
 
 `proxy_callback`, run by Ray Serve in its HTTP proxy (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`,
@@ -33,7 +33,7 @@ import os
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 
-from serve.api_errors import CLIENT_CLOSED, OUTCOME_KEY, Outcome, error_body
+from serve.api.api_errors import CLIENT_CLOSED, OUTCOME_KEY, Outcome, error_body
 
 log = logging.getLogger("ray.serve")
 API_KEY_ENV = "SINKSERVE_API_KEY"
@@ -44,7 +44,7 @@ DEFAULT_MAX_READING_REQUESTS = 1024
 HEADER_TIMEOUT_ENV = "SINKSERVE_HEADER_TIMEOUT_S"
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 # what the environment of Ray's processes needs (set before Ray starts) for the header deadline
-PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.guards.proxy_callback"}
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve.api.guards.proxy_callback"}
 
 
 def bearer_token(authorization: str) -> str | None:

@@ -27,12 +27,12 @@ import torch
 
 from sinkprune.dlm.likelihood import estimate_nll
 from sinkprune.dlm.model import DiffusionLM
-from serve.config import EngineConfig
-from serve.model_runner import ModelRunner
-from serve.requests import CANCELLED, ERROR, FINISHED, EngineError, GenerationRequest, RequestError, \
+from serve.engine.config import EngineConfig
+from serve.engine.model_runner import ModelRunner
+from serve.engine.requests import CANCELLED, ERROR, FINISHED, EngineError, GenerationRequest, RequestError, \
     PreparedRequest, RequestOutput, StreamEvent, longest_token_chars, prepare
-from serve.scheduler import Scheduler
-from serve.sequence import Sequence
+from serve.engine.scheduler import Scheduler
+from serve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from serve.config import EngineConfig
-from serve.requests import EngineOverloaded
-from serve.sequence import Sequence
+from serve.engine.config import EngineConfig
+from serve.engine.requests import EngineOverloaded
+from serve.engine.sequence import Sequence
 
 RETRY_AFTER_BOUNDS = (1, 60)
 SERVICE_EMA_WEIGHT = 0.2
