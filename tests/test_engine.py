@@ -186,10 +186,11 @@ def test_full_queue_refuses_at_once_then_recovers():
     engine = DLMEngine(model, None, EngineConfig(max_num_seqs=1, max_queue=2))
 
     async def main():
-        streams = [engine.submit(GenerationRequest([3], max_tokens=4)) for _ in range(2)]
+        # one takes the free slot at the next pass, two wait: the fourth is refused
+        streams = [engine.submit(GenerationRequest([3], max_tokens=4)) for _ in range(3)]
         with pytest.raises(EngineOverloaded) as refused:
             engine.submit(GenerationRequest([3], max_tokens=4))
-        assert refused.value.retry_after >= 1 and refused.value.waiting == 2
+        assert refused.value.retry_after >= 1 and refused.value.waiting == 3
         for stream in streams:
             assert [event async for event in stream][-1].output.finish_reason in ("stop", "length")
         again = await engine.generate(GenerationRequest([3], max_tokens=4))

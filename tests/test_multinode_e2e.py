@@ -517,8 +517,8 @@ def test_the_autoscaler_adds_a_replica_on_another_node_under_load_and_removes_it
                    "Prometheus: the autoscaler's target of 2 dense replicas, both reported healthy")
         scaled_up_s = time.monotonic() - began
     assert placed == ["w1", "w2"]  # the loaded variant's replicas on two nodes, read from the GCS
-    # Saturated replicas answer, or refuse with 429 and Retry-After: an engine may still hold a finished
-    # request when Serve sends the next one (its queue is checked before a freed slot is refilled)
+    # Saturated replicas answer, or refuse with 429 and Retry-After (the engine once refused while a freed
+    # slot waited to be refilled; fixed, but a refusal with Retry-After stays an acceptable answer)
     statuses = Counter(r.status for r in load.results)
     assert statuses[200] > 0 and set(statuses) <= {200, 429}, statuses
     for r in load.results:

@@ -32,8 +32,10 @@ class Scheduler:
         self._service_s: float | None = None  # moving average of scheduled-to-finished time
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new request, or refuse it at once when the queue is full."""
-        if len(self.waiting) >= self.config.max_queue:
+        """Queue a new request, or refuse it at once when the queue is full. A slot freed since the last
+        pass is taken at the next one, so the requests that will take one do not count as queued: the
+        engine refuses only beyond `max_num_seqs` running plus `max_queue` waiting (what Serve sends it)."""
+        if len(self.waiting) - len(self.free_slots) >= self.config.max_queue:
             raise EngineOverloaded(self.retry_after(), len(self.waiting))
         self.waiting.append(seq)
 
