@@ -519,3 +519,11 @@ def test_dashboard_and_rules_use_only_exported_metrics_and_defined_records():
     used = set().union(*used_metric_names().values())
     base = {re.sub(r"_(bucket|sum|count)$", "", n) if n not in EXPORTED else n for n in used}
     assert set(EXPORTED) <= base, f"the dashboard and rules never show {sorted(set(EXPORTED) - base)}"
+
+
+def test_image_sets_the_proxy_callback_for_the_header_deadline():
+    from serve.api.guards import PROXY_ENV
+
+    lines = DOCKERFILE.read_text().splitlines()
+    for key, value in PROXY_ENV.items():
+        assert f"ENV {key}={value}" in lines
