@@ -79,17 +79,20 @@ def call(port: int, method: str, path: str, body: bytes | None = None, headers: 
          chunked: bool = False):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": "application/json", **(headers or {})}
-    if chunked:
-        connection.putrequest(method, path)
-        for name, value in {**headers, "Transfer-Encoding": "chunked"}.items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        for start in range(0, len(body), 1000):
-            piece = body[start:start + 1000]
-            connection.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-        connection.send(b"0\r\n\r\n")
-    else:
-        connection.request(method, path, body=body, headers=headers)
+    try:
+        if chunked:
+            connection.putrequest(method, path)
+            for name, value in {**headers, "Transfer-Encoding": "chunked"}.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            for start in range(0, len(body), 1000):
+                piece = body[start:start + 1000]
+                connection.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            connection.send(b"0\r\n\r\n")
+        else:
+            connection.request(method, path, body=body, headers=headers)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered before the body ended and closed (a refusal): its answer is still readable
     response = connection.getresponse()
     data = response.read()
     connection.close()
