@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if variant == "pruned":
             started = time.perf_counter()
-            names, measured = swap_for_serving(model, engine_m_values(max(args.concurrency), 8192))
+            names, measured = swap_for_serving(model, engine_m_values(max(args.concurrency), EngineConfig().max_tokens_per_step))
             report["swap"] = {"layers": len(names), "seconds": round(time.perf_counter() - started, 2),
                               "dispatch": measured.summary() if measured is not None else None}
         report["rows"] += asyncio.run(serve_runs(model, args, variant))

@@ -62,6 +62,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, out_features: i
     if out_features % SHAPE_MULTIPLE or in_features % SHAPE_MULTIPLE:
         return (f"the cusparselt backend needs out_features and in_features multiples of {SHAPE_MULTIPLE}, got a "
                 f"({out_features}, {in_features}) weight")
+    return _toolchain_reason()
+
+
+@functools.cache
+def _toolchain_reason() -> str | None:
+    """Why the extension cannot be built here (no library or no toolkit), or None. Looked up once per process:
+    the dispatch asks for every layer of a model."""
     found = find_library()
     if isinstance(found, str):
         return found

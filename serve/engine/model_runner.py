@@ -89,7 +89,7 @@ class StaticPass:
                  kept: bool = False):
         device = model.embed_weight.device
         self.model, self.arena, self.shape, self.kept = model, arena, shape, kept
-        scratch = arena.scratch if arena is not None else 0
+        self.scratch = scratch = arena.scratch if arena is not None else 0  # a pass without cache writes nothing
         self.ids = torch.full((shape.rows, shape.queries), pad_id, dtype=torch.long, device=device)
         self.query_mask = torch.zeros((shape.rows, shape.queries), dtype=torch.bool, device=device)
         self.read_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
