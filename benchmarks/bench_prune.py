@@ -41,7 +41,8 @@ from sinkprune.dlm.likelihood import estimate_nll
 from sinkprune.dlm.loading import load_model, resolve_model_dir
 from sinkprune.evaluate import paired_report, text_windows
 from sinkprune.hidden_store import PLACES
-from sinkprune.prune import CALIBRATIONS, METHODS, STATISTIC_OF, PruneSettings, prune_model
+from sinkprune import prune as prune_module
+from sinkprune.prune import AUTO_METHOD, CALIBRATIONS, METHODS, STATISTIC_OF, PruneSettings, prune_model
 from sinkprune.sink_scores import timestep_sink_scores
 
 
@@ -86,7 +87,8 @@ class Stages:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--method", choices=METHODS, default="sink-wanda")
+    parser.add_argument("--method", choices=(AUTO_METHOD, *METHODS), default=AUTO_METHOD,
+                        help="auto: what `sinkprune prune` takes by default for the pattern")
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--calibration", choices=("auto", *CALIBRATIONS), default="auto")
     parser.add_argument("--calibration-windows", type=int, default=128)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                              calibration=args.calibration)
     windows = text_windows(tokenizer, "calibration", args.calibration_windows, seq)
     samples = len(windows) * (len(timesteps) if settings.calibration == "noised" else 1)
-    statistic = STATISTIC_OF[args.method.removeprefix("sink-")]
+    statistic = STATISTIC_OF[settings.method.removeprefix("sink-")]
+    print(f"method: {settings.method}, calibration {settings.calibration}", flush=True)
     memory = prune_memory(config, settings, len(windows), seq, compute, args.hidden_states)
     print(memory.describe(), flush=True)
     scored = text_windows(tokenizer, "evaluation", args.eval_windows, seq) if args.eval_windows else None
@@ -124,14 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     dense = stages.run("dense quality", eval_flops,
                        lambda: estimate_nll(model, scored, args.eval_samples)) if scored is not None else None
     scores = None
-    if args.method.startswith("sink-"):
+    if settings.method.startswith("sink-"):
         mass_flops = len(timesteps) * len(windows) * seq * model_flops_per_token(config, seq, head=False)
         scores = stages.run("sink mass", mass_flops, lambda: timestep_sink_scores(
             model, windows, timesteps, settings.seed, settings.k, settings.alpha, args.batch_size))
     passes = 2 * config.num_layers - 1 if statistic else 0
     calibration_flops = samples * seq * block_flops_per_token(config, seq) * passes
-    stages.run("calibrate+prune", calibration_flops, lambda: prune_model(
-        model, settings, windows, sink_scores=scores, hidden_states=args.hidden_states))
+    solve = _timed(prune_module, "prune_linears")  # the selection / SparseGPT solver inside calibrate+prune
+    with solve:
+        stages.run("calibrate+prune", calibration_flops, lambda: prune_model(
+            model, settings, windows, sink_scores=scores, hidden_states=args.hidden_states))
+    stages.rows[-1] |= {"solve_seconds": round(solve.seconds, 3), "solve_cpu_seconds": round(solve.cpu_seconds, 3)}
+    print(f"{'':>16}  of which selection / solver: {solve.seconds:.1f} s ({solve.cpu_seconds:.1f} CPU-s)", flush=True)
     quality = None
     if dense is not None:
         pruned = stages.run("pruned quality", eval_flops, lambda: estimate_nll(model, scored, args.eval_samples))
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_average_at_end": os.getloadavg(),
                     "isa_env": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}},
-        "settings": vars(args) | {"out": str(args.out), "samples": samples, "timesteps": timesteps},
+        "settings": vars(args) | {"out": str(args.out), "samples": samples, "timesteps": timesteps,
+                                  "method": settings.method, "calibration": settings.calibration},
         "stored_dtype": _name(stored), "calibration_dtype": _name(compute),
         "matmul_gflop_per_s": {_name(k): round(v / 1e9, 1) for k, v in rates.items()},
         "stages": stages.rows, "total_seconds": round(total, 1), "total_cpu_seconds": round(total_cpu, 1),
@@ -162,6 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+class _timed:
+    """Within `with`, times every call of `module.name` (wall and process CPU seconds)."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name, self.seconds, self.cpu_seconds = module, name, 0.0, 0.0
+
+    def __enter__(self):
+        self.original = getattr(self.module, self.name)
+
+        def timed(*args, **kwargs):
+            began, cpu_began = time.perf_counter(), time.process_time()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+                self.cpu_seconds += time.process_time() - cpu_began
+
+        setattr(self.module, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.original)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -14,7 +14,7 @@ SERVE=
 trap '[ -n "$SERVE" ] && { kill -TERM $SERVE 2>/dev/null; wait $SERVE; }' EXIT  # a serve.local left running
 
 show() { echo "\$ $*"; "$@"; }  # print a command as the docs show it, then run it
-prune() { echo "\$ $PY -m sinkprune prune $*"; $PY -m sinkprune prune "$@" 2>&1 | grep -v "it/s\]" | tail -2; }
+prune() { echo "\$ $PY -m sinkprune prune $*"; $PY -m sinkprune prune "$@" 2>&1 | grep -E "^(method|pruned|quality)"; }
 
 serve_with() {  # serve dense + the artifact $1 with the policy, until stop_serving
   $PY -m serve.local --pruned "$1" --router-config "$W/router.yaml" --port 8000 --metrics-port 8080 \
@@ -38,7 +38,7 @@ load_and_watch() {  # the load test (its arguments), one line of the canary's pr
 
 date -u
 started=$SECONDS
-prune --model embedded --method sink-wanda --pattern 2:4 --out-dir "$W/pruned"
+prune --model embedded --pattern 2:4 --out-dir "$W/pruned"  # the default method (README: how it is chosen)
 echo "($((SECONDS - started)) s)"
 cat > "$W/router.yaml" <<'YAML'
 quality: {sample_rate: 0.5, samples: 8, max_busy: 2}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sinkprune.choice import choose
 from sinkprune.dlm.likelihood import LikelihoodResult, estimate_nll, paired_difference
 from sinkprune.prune import PruneSettings, prune_model
 from sinkprune.sink_scores import timestep_sink_scores
@@ -64,7 +65,9 @@ def run_comparison(dense, calibration: dict[int, torch.Tensor], eval_windows: to
                         rows.append(row)
                         if progress:
                             print(_line(row), flush=True)
-    return {"dense": dense_result.to_dict(), "rows": rows, "settings": settings.__dict__}
+    report = {"dense": dense_result.to_dict(), "rows": rows, "settings": settings.__dict__}
+    report["choice"] = {pattern: choice.to_dict() for pattern, choice in choose(report).items()}
+    return report
 
 
 def _row(dense, dense_result, windows, scores, score, results, settings, pattern, seed, inputs, method,
@@ -122,4 +125,12 @@ def markdown_table(report: dict) -> str:
                      f"{row['perplexity']:.2f} | {row['vs_dense']['delta_nll']:+.4f} ± "
                      f"{row['vs_dense']['delta_nll_stderr']:.4f} | {_delta(row.get('vs_baseline'))} | "
                      f"{_delta(row.get('vs_reference_baseline'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def choice_text(report: dict) -> str:
+    """What `sinkprune prune --method auto` would take for each pattern of this report, and why
+    (`sinkprune.choice.choose`: the lowest mean gap to dense over the calibration draws)."""
+    lines = ["The choice (lowest mean NLL gap to dense over the calibration draws):"]
+    lines += [f"- {choice.describe()}" for choice in choose(report).values()]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sinkprune.calibration import blocks_prefix, calibrate_sequentially, default_timesteps, prunable_linears
+from sinkprune.choice import default_method
 from sinkprune.dlm.diffusion import noise_at_timesteps
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.masks import Pattern, make_mask, parse_pattern
@@ -23,6 +24,8 @@ from sinkprune.sparsegpt import sparsegpt_prune
 from sinkprune.structured import prune_block_structured
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sink-wanda", "sink-sparsegpt")
+# "auto": the method the project's own comparison measured best for the pattern (`sinkprune.choice`)
+AUTO_METHOD = "auto"
 STATISTIC_OF = {"magnitude": None, "wanda": "input_square_sum", "sparsegpt": "hessian"}
 STRUCTURED_METHODS = ("magnitude", "wanda", "sink-wanda")
 CALIBRATIONS = ("clean", "noised")
@@ -47,8 +50,17 @@ class PruneSettings:
     # sink-aware methods: one score per position averaged over timesteps, or (noised calibration only)
     # each noised window weighted by its own timestep's score, as the reference's sink-aware Wanda does
     sink_weighting: str = "mean"
+    # with method "auto": why the method was chosen (`sinkprune.choice`); it becomes the measured best for the pattern
+    method_choice: str = ""
 
     def __post_init__(self):
+        if self.method == AUTO_METHOD:
+            try:
+                self.method, calibration, self.method_choice = default_method(self.pattern)
+            except ValueError:
+                return  # a pattern that does not parse: check_settings names it
+            if self.calibration == "auto" and self.sink_weighting == "mean":
+                self.calibration = calibration
         if self.calibration == "auto" and self.method in METHODS:
             by_method = AUTO_CALIBRATION[self.method.removeprefix("sink-")]
             self.calibration = "noised" if self.sink_weighting == "per-timestep" else by_method
@@ -67,6 +79,22 @@ def prune_linear(linear: nn.Linear, method: str, pattern: Pattern, stat: torch.T
         return
     scores = magnitude_score(weight) if base == "magnitude" else wanda_score(weight, stat.to(weight.device))
     weight.mul_(make_mask(scores, pattern).to(weight.dtype))
+
+
+@torch.no_grad()
+def prune_linears(linears: list[nn.Linear], method: str, pattern: Pattern, stat: torch.Tensor | None) -> None:
+    """Prune layers that read the same input (one statistic: q/k/v, gate/up) in place.
+
+    SparseGPT's rows are independent given the Hessian, so their weights are stacked
+    and solved in one call: the inverse Hessian is factored once and the column loop
+    runs once instead of once per layer."""
+    if method.removeprefix("sink-") != "sparsegpt" or len(linears) == 1:
+        for linear in linears:
+            prune_linear(linear, method, pattern, stat)
+        return
+    stacked = sparsegpt_prune(torch.cat([linear.weight for linear in linears]), stat, pattern)
+    for linear, part in zip(linears, stacked.split([linear.out_features for linear in linears])):
+        linear.weight.copy_(part)
 
 
 @torch.no_grad()
@@ -111,8 +139,14 @@ def prune_model(
             kept = prune_block_structured(block, roles, model.attention_path, pattern.ratio, role_stats)
             sparsity[f"{prefix}.{index}"] = 1 - kept["mlp_channels_kept"]
             return
-        for name, linear in prunable_linears(block).items():
-            prune_linear(linear, settings.method, pattern, stats[name].value if stats else None)
+        linears = prunable_linears(block)
+        sharing: dict[int, list[str]] = {}  # linears reading the same input share one statistic object
+        for name in linears:
+            sharing.setdefault(id(stats[name]) if stats else id(linears[name]), []).append(name)
+        for names in sharing.values():
+            prune_linears([linears[name] for name in names], settings.method, pattern,
+                          stats[names[0]].value if stats else None)
+        for name, linear in linears.items():
             sparsity[f"{prefix}.{index}.{name}"] = float((linear.weight == 0).float().mean())
 
     calibrate_sequentially(model, samples if samples is not None else torch.zeros(0, 1, dtype=torch.long),
@@ -125,9 +159,9 @@ def prune_model(
 
 def check_settings(settings: PruneSettings) -> Pattern:
     """The parsed pattern, or ValueError naming the first setting that cannot work (before any calibration)."""
+    pattern = parse_pattern(settings.pattern)
     if settings.method not in METHODS:
         raise ValueError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-    pattern = parse_pattern(settings.pattern)
     if pattern.kind == "structured" and settings.method not in STRUCTURED_METHODS:
         raise ValueError(f"structured pruning supports {', '.join(STRUCTURED_METHODS)}, not {settings.method!r}")
     if settings.calibration not in CALIBRATIONS:

@@ -6,6 +6,17 @@ Selection is by w^2 / [H^-1]_jj^2, made at the start of every group of M for
 N:M and once per block of columns for unstructured sparsity. The unstructured
 quota is tracked per row and cumulatively, so every row ends within one weight
 of the requested ratio.
+
+Rows are independent given H: the weights of several linears that read the same
+input (q/k/v, gate/up) can be stacked and pruned in one call, which gives each
+the result it would get alone and inverts H once (`sinkprune.prune` does this).
+
+The column loop is the solver's cost on small layers: one iteration per input
+feature, each a few tensor operations. It works on the transposed weight (a
+column is a contiguous row) and does two operations per column: the error of the
+column (weights to prune over their inverse-Hessian diagonal) and one rank-1
+update of the block's remaining columns (`addr_`); the pruned weights are set to
+exact zeros once per block.
 """
 from __future__ import annotations
 
@@ -15,7 +26,8 @@ from sinkprune.masks import Pattern
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian; dead inputs get unit diagonal."""
+    """Upper Cholesky factor of the damped inverse Hessian; dead inputs get unit diagonal
+    and their weights (columns of `weight`, modified in place) are zeroed."""
     h = hessian.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -35,32 +47,36 @@ def sparsegpt_prune(
     if pattern.kind == "nm" and (cols % pattern.m or block_size % pattern.m):
         raise ValueError(f"{cols} input features (and block size {block_size}) must be multiples of M={pattern.m}")
     hinv = _inverse_hessian_factor(hessian.to(w.device), w, damp)
+    wt = w.T.contiguous()  # (cols, rows): column j of the weight is the contiguous row wt[j]
     pruned_so_far = torch.zeros(rows, dtype=torch.long, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
+        block = wt[start:end]  # a view: updated in place
         hinv_block = hinv[start:end, start:end]
-        diag = torch.diag(hinv_block)
-        errors = torch.zeros_like(block)
+        diag = hinv_block.diagonal()[:, None]
+        errors = torch.empty_like(block)
         prune = torch.zeros_like(block, dtype=torch.bool)
+        # per column: the share of each weight that becomes its error (1 / [H^-1]_jj where pruned, else 0)
+        coefficient = torch.zeros_like(block)
         if pattern.kind == "unstructured":
             quota = round(pattern.ratio * end) - pruned_so_far  # per row, cumulative: exact totals
-            saliency = block.pow(2) / diag[None, :].pow(2)
-            order = saliency.argsort(dim=1)
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(end - start, device=w.device).expand_as(order))
-            prune = ranks < quota[:, None]
-            pruned_so_far += prune.sum(1)
+            saliency = block.square() / diag.square()
+            order = saliency.argsort(dim=0)
+            ranks = torch.empty_like(order).scatter_(
+                0, order, torch.arange(end - start, device=w.device)[:, None].expand_as(order))
+            prune = ranks < quota[None, :]
+            pruned_so_far += prune.sum(0)
+            torch.div(prune, diag, out=coefficient)
         for i in range(end - start):
             if pattern.kind == "nm" and i % pattern.m == 0:
-                group = block[:, i:i + pattern.m].pow(2) / diag[i:i + pattern.m][None, :].pow(2)
-                lowest = group.topk(pattern.m - pattern.n, dim=1, largest=False).indices
-                prune[:, i:i + pattern.m].scatter_(1, lowest, True)
-            column = block[:, i]
-            kept = column.masked_fill(prune[:, i], 0.0)
-            error = (column - kept) / hinv_block[i, i]
-            block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-            block[:, i] = kept
-            errors[:, i] = error
-        w[:, start:end] = block
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    return w.to(weight.dtype)
+                group = slice(i, i + pattern.m)
+                saliency = block[group].square() / diag[group].square()
+                lowest = saliency.topk(pattern.m - pattern.n, dim=0, largest=False).indices
+                prune[group].scatter_(0, lowest, True)
+                torch.div(prune[group], diag[group], out=coefficient[group])
+            torch.mul(block[i], coefficient[i], out=errors[i])
+            block[i:].addr_(hinv_block[i, i:], errors[i], alpha=-1)  # column i itself becomes its kept part
+        block.masked_fill_(prune, 0.0)  # exact zeros where the update left rounding residue
+        if end < cols:
+            wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
+    return wt.T.contiguous().to(weight.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sinkprune.compare import CompareSettings, markdown_table, run_comparison
+from sinkprune.compare import CompareSettings, choice_text, markdown_table, run_comparison
 from tests.conftest import random_model
 
 
@@ -24,6 +24,11 @@ def test_comparison_pairs_every_model_with_dense_and_sink_methods_with_their_bas
     table = markdown_table(report)
     assert table.count("\n") == 3 + len(rows)
     assert "(vs wanda, noised)" in table
+    # and the choice `sinkprune compare` prints at its end: the lowest mean gap to dense over the draws
+    best = min(("magnitude", "wanda", "sink-wanda"), key=lambda m: sum(
+        r["vs_dense"]["delta_nll"] for r in rows if r["method"] == m) / sum(r["method"] == m for r in rows))
+    assert report["choice"]["2:4"]["method"] == best
+    assert choice_text(report).startswith("The choice") and f"2:4: {best}" in choice_text(report)
 
 
 def test_sink_rows_on_noised_windows_are_also_paired_with_the_clean_reference_baseline():

@@ -72,6 +72,91 @@ def test_sparsegpt_hits_the_pattern_and_beats_magnitude_on_reconstruction(spec):
     assert error(pruned) < 0.8 * error(magnitude)
 
 
+def _textbook_sparsegpt(weight, hessian, pattern, block_size, damp=0.01):
+    """SparseGPT as the paper writes it, one column at a time on the untransposed weight:
+    the oracle for the solver's faster loop."""
+    w = weight.double().clone()
+    rows, cols = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    pruned_so_far = torch.zeros(rows, dtype=torch.long)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        errors = torch.zeros(rows, end - start, dtype=w.dtype)
+        prune = torch.zeros(rows, end - start, dtype=torch.bool)
+        if pattern.kind == "unstructured":
+            saliency = w[:, start:end].pow(2) / torch.diag(hinv)[start:end].pow(2)
+            ranks = saliency.argsort(1).argsort(1)
+            prune = ranks < (round(pattern.ratio * end) - pruned_so_far)[:, None]
+            pruned_so_far += prune.sum(1)
+        for i in range(start, end):
+            j = i - start
+            if pattern.kind == "nm" and j % pattern.m == 0:
+                group = w[:, i:i + pattern.m].pow(2) / torch.diag(hinv)[i:i + pattern.m].pow(2)
+                prune[:, j:j + pattern.m].scatter_(1, group.topk(pattern.m - pattern.n, 1, largest=False).indices, True)
+            error = torch.where(prune[:, j], w[:, i], 0) / hinv[i, i]
+            w[:, i:end] -= error[:, None] * hinv[i, i:end][None, :]
+            w[:, i] = torch.where(prune[:, j], 0, w[:, i])
+            errors[:, j] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return w
+
+
+@pytest.mark.parametrize("spec", ["2:4", "4:8", "unstructured:0.5"])
+def test_sparsegpt_solver_equals_the_textbook_column_loop(spec):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 96, generator=generator) * (torch.rand(96, generator=generator) * 3 + 0.1)
+    hessian = x.T @ x
+    hessian[7], hessian[:, 7] = 0, 0  # a dead input
+    weight = torch.randn(40, 96, generator=generator)
+    pattern = parse_pattern(spec)
+    got = sparsegpt_prune(weight, hessian, pattern, block_size=32)
+    expected = _textbook_sparsegpt(weight, hessian, pattern, block_size=32)
+    assert torch.equal(got == 0, expected == 0)  # the same weights pruned (exact zeros)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "unstructured:0.5"])
+def test_sparsegpt_of_stacked_layers_equals_each_layer_alone(spec):
+    """q/k/v (gate/up) share a Hessian and are solved as one stacked matrix: rows are independent."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=generator) * (torch.rand(64, generator=generator) + 0.2)
+    weights = [torch.randn(rows, 64, generator=generator) for rows in (16, 8, 24)]
+    pattern = parse_pattern(spec)
+    stacked = sparsegpt_prune(torch.cat(weights), x.T @ x, pattern).split([16, 8, 24])
+    for weight, together in zip(weights, stacked):
+        alone = sparsegpt_prune(weight, x.T @ x, pattern)
+        assert torch.equal(alone == 0, together == 0)
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_of_bfloat16_inputs_is_the_float32_gram_matrix_and_stays_positive_definite():
+    """bf16 inputs are multiplied in bf16 with float32 accumulation (exact for bf16 values);
+    rounding each batch's product to bf16 instead broke positive definiteness on inputs
+    with one dominant direction, like these."""
+    generator = torch.Generator().manual_seed(4)
+    direction = torch.randn(384, generator=generator)
+    x = (torch.randn(4, 256, 1, generator=generator) * 30 * direction + torch.randn(4, 256, 384, generator=generator))
+    x = x.bfloat16()
+    weights = torch.rand(4, 256, generator=generator)
+    for rows in (None, weights):
+        stat = calibration.Hessian(384, "cpu")
+        for batch in range(4):
+            stat.add(x[batch], None if rows is None else rows[batch])
+        inputs = x.float() if rows is None else (x.float() * rows[..., None]).bfloat16().float()
+        exact = inputs.reshape(-1, 384).double()
+        exact = (exact.T @ exact).float()
+        assert stat.value.dtype == torch.float32
+        torch.testing.assert_close(stat.value, exact, rtol=1e-4, atol=1e-4 * exact.diagonal().mean().item())
+        damped = stat.value.double() + 0.01 * stat.value.diagonal().mean() * torch.eye(384, dtype=torch.float64)
+        torch.linalg.cholesky(damped)  # SparseGPT's factorisation succeeds
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # the mode was restored
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("spec", ["2:4", "unstructured:0.5"])
 def test_every_method_hits_the_pattern_exactly(model_type, method, spec):

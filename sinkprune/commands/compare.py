@@ -63,7 +63,7 @@ def parse_seeds(spec: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from sinkprune.calibration import default_timesteps, prunable_linears
     from sinkprune.cli import UsageError, check_length, check_windows, model_config
-    from sinkprune.compare import CompareSettings, markdown_table, run_comparison
+    from sinkprune.compare import CompareSettings, choice_text, markdown_table, run_comparison
     from sinkprune.compute_dtype import stored_and_calibration_dtype
     from sinkprune.dlm.loading import ModelLoadError, load_model, resolve_model_dir
     from sinkprune.evaluate import text_windows
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(report)
     with staged_output(args.out_dir, args.overwrite, [source], ours=WRITES) as out:
         (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "compare.md").write_text(table)
+        (out / "compare.md").write_text(table + "\n" + choice_text(report))
     print(table)
     print(f"wrote compare.json and compare.md to {args.out_dir}")
+    print(choice_text(report), end="")
     return 0

@@ -7,7 +7,7 @@ from sinkprune.cli_args import (COUNT, SEED, SEQ_LEN, add_unverified_flag, devic
                                 nonempty_path, number, output_dir)
 from sinkprune.compute_dtype import CHOICES as DTYPE_CHOICES
 from sinkprune.hidden_store import PLACES
-from sinkprune.prune import CALIBRATIONS, METHODS, SINK_WEIGHTINGS
+from sinkprune.prune import AUTO_METHOD, CALIBRATIONS, METHODS, SINK_WEIGHTINGS
 from sinkprune.safe_output import add_overwrite_flag
 from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
 
@@ -15,7 +15,10 @@ from sinkprune.sink_scores import DEFAULT_ALPHA, DEFAULT_K
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model (magnitude, wanda, sparsegpt, sink-wanda, sink-sparsegpt)")
     p.add_argument("--model", default="embedded", type=nonempty_path)
-    p.add_argument("--method", choices=METHODS, default="sink-wanda")
+    p.add_argument("--method", choices=(AUTO_METHOD, *METHODS), default=AUTO_METHOD,
+                   help="auto: the method (and calibration) the project's comparison measured best for the pattern: "
+                        "sink-sparsegpt on noised windows for N:M and unstructured, sink-wanda for structured "
+                        "(README, sinkprune.choice)")
     p.add_argument("--pattern", default="2:4",
                    help="N:M (2:4, 4:8), unstructured:<ratio> or structured:<ratio> (channels and heads)")
     p.add_argument("--out-dir", required=True, type=output_dir,
@@ -101,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         check_pattern_fits(pattern, prunable_linears(model))
     except (ValueError, ModelLoadError) as err:
         raise UsageError(str(err)) from err
+    print(f"method: {settings.method}, calibration {settings.calibration}"
+          + (f" ({settings.method_choice})" if settings.method_choice else ""))
     print(f"calibrating in {str(compute).replace('torch.', '')} (stored {str(stored).replace('torch.', '')}); "
           + prune_memory(model.config, settings, len(windows), args.seq_len, compute, args.hidden_states).describe())
     # dense quality first, on the same masks as the pruned model later: a paired delta without a second copy
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         manifest["quality"] = paired_report({"dense": dense, "pruned": pruned})
     out = write_artifact(model, args.out_dir, tokenizer, manifest, dtype=getattr(torch, args.dtype) if args.dtype else stored,
                          source_dir=source, overwrite=args.overwrite, progress=True)
-    print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {args.method}) -> {out}")
+    print(f"pruned {len(sparsity)} linear layers to {manifest['sparsity']:.1%} ({args.pattern}, {settings.method}) -> {out}")
     if dense is not None:
         delta = manifest["quality"]["pruned"]["vs_dense"]
         print(f"quality: NLL {manifest['quality']['pruned']['nll']:.4f} vs dense {manifest['quality']['dense']['nll']:.4f}"
