@@ -4,9 +4,10 @@ Builds an LLaDA-8B- or Dream-7B-shaped model with random weights on the device
 (`--layers` keeps fewer blocks), magnitude-prunes every block linear 2:4, and
 serves it through `DLMEngine` with closed-loop clients (dual cache, one token per
 step, `ignore_eos`) at each concurrency: first as the dense replica serves it
-(`nn.Linear`), then as the pruned replica does (`sinkkernels.measure.swap_for_serving`:
-dispatch measured on this device at the engine's M values, then the swap), each
-with CUDA graphs on and off. Reports output tokens/s, latency p50/p99 and the ratio
+(`nn.Linear`), then as the pruned replica does; both prepared by the replica's own
+`serve.engine.prepare.prepare_for_serving` (q/k/v and gate/up fused, and for the pruned
+variant the dispatch measured on this device at the engine's M values, then the swap),
+each with CUDA graphs on and off. Reports output tokens/s, latency p50/p99 and the ratio
 of each run to the dense one with graphs, and writes JSON. On CPU it runs the same
 path on a small model (`--layers 1`) to check it, not to time it.
 """
@@ -17,7 +18,6 @@ import asyncio
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from benchmarks.bench_engine import run_engine
 from benchmarks.bench_step import build, prune_24
 from serve.engine.config import EngineConfig
 from serve.engine.requests import GenerationRequest
-from sinkkernels.measure import engine_m_values, swap_for_serving
+from serve.engine.prepare import prepare_for_serving
 
 
 def _ints(text: str) -> list[int]:
@@ -84,6 +84,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--graphs", type=lambda s: [part == "on" for part in s.split(",")], default=[True, False],
                         help="comma-separated on/off (default: on,off)")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["dense", "pruned"])
+    parser.add_argument("--fuse", choices=("on", "off"), default="on",
+                        help="serve q/k/v and gate/up fused, as a replica does by default (EngineConfig.fuse_projections)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_serving.json"))
     args = parser.parse_args(argv)
@@ -93,6 +95,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--variants: choose among dense, pruned")
     if args.max_tokens % args.block:
         parser.error("--max-tokens must be a multiple of --block")
+    args.fuse = args.fuse == "on"
     return args
 
 
@@ -111,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("dense", "pruned"):
         if variant not in args.variants:
             continue
-        if variant == "pruned":
-            started = time.perf_counter()
-            names, measured = swap_for_serving(model, engine_m_values(max(args.concurrency), EngineConfig().max_tokens_per_step))
-            report["swap"] = {"layers": len(names), "seconds": round(time.perf_counter() - started, 2),
-                              "dispatch": measured.summary() if measured is not None else None}
+        config = EngineConfig(max_num_seqs=max(args.concurrency), fuse_projections=args.fuse)
+        report[f"prepare_{variant}"] = prepare_for_serving(model, config, sparse=variant == "pruned").summary()
         report["rows"] += asyncio.run(serve_runs(model, args, variant))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each variant: an overrun keeps the first

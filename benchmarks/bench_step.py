@@ -8,7 +8,10 @@ measures what the A/B cost claim rests on: the same 2:4 weights (magnitude-prune
 `F.linear` (what the dense replica pays per step) and through each sparse backend
 (`Sparse24Linear`, swapped in as the pruned replica does), per (batch, seq), timed
 with CUDA events after warm-up (median). It also checks each backend's logits
-against the dense ones and, on CUDA, the memory the swapped layers hold.
+against the dense ones and, on CUDA, the memory the swapped layers hold, and counts
+the kernels one eager step launches (on a CPU: the operators that compute). A
+backend named `X+fused` (or `fused`, for `nn.Linear`) runs with q/k/v and gate/up
+fused as a replica serves them (`sinkprune.dlm.fusion`).
 
 `--model llada-8b` / `dream-7b` builds the public shapes with random weights (no
 checkpoint needed; `--layers N` keeps N blocks so a run fits the time or the GPU;
@@ -34,11 +37,12 @@ import torch
 from torch import nn
 
 from benchmarks.bench_kernels import relative_error
-from sinkkernels.timing import time_cpu, time_cuda
+from sinkkernels.timing import count_launches, time_cpu, time_cuda
 from sinkkernels.dispatch import BACKENDS, BackendUnavailable
 from sinkkernels.swap import swap_sparse_linears
 from sinkprune.calibration import prunable_linears
 from sinkprune.dlm import DLMConfig, build_model, load_model
+from sinkprune.dlm.fusion import fuse_projections
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.dlm.presets import PRESETS
 from sinkprune.masks import nm_mask
@@ -46,6 +50,7 @@ from sinkprune.masks import nm_mask
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 AUTO = "auto"
 BASELINE = "baseline: nn.Linear"
+FUSED = "fused"  # alone: nn.Linear with q/k/v and gate/up fused; as a suffix (`auto+fused`): a backend after fusing
 
 
 @dataclass
@@ -59,6 +64,7 @@ class StepRow:
     ms: float | None = None
     positions_per_s: float | None = None
     speedup: float | None = None
+    launches: int | None = None  # kernels one eager step launches (CPU: operators that compute)
     skipped: str | None = None
 
     @property
@@ -110,17 +116,44 @@ def _put(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def swapped(model: DiffusionLM, names: list[str], backend: str) -> Iterator[None]:
-    """The pruned linears replaced by `Sparse24Linear` on `backend` (`auto`: the dispatch plan), then put back."""
-    originals = {name: model.get_submodule(name) for name in names}
-    wanted = set(names)
+def swapped(model: DiffusionLM, backend: str) -> Iterator[None]:
+    """Every 2:4 linear replaced by `Sparse24Linear` on `backend` (`auto`: the dispatch plan), then put back."""
+    before = dict(model.named_modules())
+    names: list[str] = []
     try:
-        swap_sparse_linears(model, backend=None if backend == AUTO else backend,
-                            predicate=lambda name, _: name in wanted)
+        names = swap_sparse_linears(model, backend=None if backend == AUTO else backend)
         yield
     finally:
-        for name, linear in originals.items():
-            _put(model, name, linear)
+        for name in names:
+            _put(model, name, before[name])
+
+
+@contextlib.contextmanager
+def fused(model: DiffusionLM) -> Iterator[None]:
+    """q/k/v and gate/up fused as a replica serves them, then the separate linears put back."""
+    separate = {(module, name): getattr(module, name) for module in model.modules()
+                for names in getattr(module, "fusions", {}).values() for name in names}
+    try:
+        fuse_projections(model)
+        yield
+    finally:
+        for module, name in separate:
+            for fused_name in module.fusions:
+                if getattr(module, fused_name, None) is not None:
+                    delattr(module, fused_name)
+                    setattr(module, fused_name, None)
+        for (module, name), linear in separate.items():
+            setattr(module, name, linear)
+
+
+def split_label(label: str) -> tuple[str | None, bool]:
+    """(backend or None for nn.Linear, fused?) of a `--backends` entry: `triton`, `fused`, `auto+fused`."""
+    if label == FUSED:
+        return None, True
+    base, plus, suffix = label.partition("+")
+    if plus and suffix != FUSED:
+        raise ValueError(f"{label}: the only suffix is +{FUSED}")
+    return base, bool(plus)
 
 
 def _tokens(config: DLMConfig, batch: int, seq: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -142,7 +175,7 @@ def _step(model: DiffusionLM, ids: torch.Tensor, block: int | None):
     return lambda: model(span, prefix=prefix, suffix=suffix)
 
 
-def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list[int], seqs: list[int],
+def run(model: DiffusionLM, backends: list[str], batches: list[int], seqs: list[int],
         block: int | None, warmup: int, reps: int, seed: int) -> tuple[list[StepRow], list[BackendCheck]]:
     """Dense first (the baseline), then each backend swapped in: check its logits, then time every shape."""
     from tqdm import tqdm
@@ -160,8 +193,9 @@ def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list
     def time_shapes(label: str) -> None:
         for shape in shapes:
             row = StepRow(label, *shape)
-            row.ms = timer(_step(model, _tokens(model.config, row.batch, row.seq, device, seed), row.block),
-                           warmup, reps) * 1e3
+            step = _step(model, _tokens(model.config, row.batch, row.seq, device, seed), row.block)
+            row.launches = count_launches(step, device)
+            row.ms = timer(step, warmup, reps) * 1e3
             row.positions_per_s = row.rows / row.ms * 1e3
             row.speedup = dense_ms.setdefault(shape, row.ms) / row.ms
             rows.append(row)
@@ -171,9 +205,11 @@ def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list
         reference = model(probe).logits
         time_shapes(BASELINE)
         for backend in backends:
+            base, fuse = split_label(backend)
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             try:
-                with swapped(model, names, backend):
+                with fused(model) if fuse else contextlib.nullcontext(), \
+                        swapped(model, base) if base is not None else contextlib.nullcontext():
                     held = torch.cuda.memory_allocated(device) - before if before is not None else None
                     checks.append(BackendCheck(backend, relative_error(model(probe).logits, reference), held))
                     time_shapes(backend)
@@ -186,11 +222,12 @@ def run(model: DiffusionLM, names: list[str], backends: list[str], batches: list
 
 
 def markdown(rows: list[StepRow], checks: list[BackendCheck], dense_bytes: int) -> str:
-    lines = ["| backend | step | batch | seq | M (rows per linear) | ms / step | positions / s | speedup vs dense |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| backend | step | batch | seq | M (rows per linear) | ms / step | positions / s | speedup vs dense "
+             "| launches / step |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        timing = (f"skipped: {r.skipped} | | " if r.skipped else
-                  f"{r.ms:.3f} | {r.positions_per_s:,.0f} | {r.speedup:.2f}x")
+        timing = (f"skipped: {r.skipped} | | | " if r.skipped else
+                  f"{r.ms:.3f} | {r.positions_per_s:,.0f} | {r.speedup:.2f}x | {r.launches}")
         lines.append(f"| {r.backend} | {r.kind} | {r.batch} | {r.seq} | {r.rows} | {timing} |")
     lines += ["", "| backend | max rel. logits error vs dense | swapped layers' memory / dense weights |",
               "| --- | ---: | ---: |"]
@@ -246,8 +283,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
-                        help=f"comma-separated among {', '.join(BACKENDS + (AUTO,))} (auto: the dispatch plan); "
-                             "default: every CUDA backend and auto on CUDA, dense on CPU")
+                        help=f"comma-separated among {', '.join(BACKENDS + (AUTO,))} (auto: the dispatch plan), "
+                             f"{FUSED} (nn.Linear, q/k/v and gate/up fused) and any backend with +{FUSED}; "
+                             f"default: every CUDA backend, auto, {FUSED} and auto+{FUSED} on CUDA, "
+                             f"dense and {FUSED} on CPU")
     parser.add_argument("--batch", type=_ints, default=None, help="default: 1,4,16 on CUDA, 1,2 on CPU")
     parser.add_argument("--seq", type=_ints, default=None, help="default: 32,256,1024 on CUDA, 16,64 on CPU")
     parser.add_argument("--block", type=int, default=None,
@@ -260,9 +299,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of speedup against M (default: next to --out)")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
-    unknown = [b for b in args.backends or [] if b not in BACKENDS + (AUTO,)]
+    known = BACKENDS + (AUTO,)
+    unknown = [b for b in args.backends or [] if b != FUSED and b.removesuffix("+" + FUSED) not in known]
     if unknown:
-        parser.error(f"--backends: unknown {', '.join(unknown)}; choose among {', '.join(BACKENDS + (AUTO,))}")
+        parser.error(f"--backends: unknown {', '.join(unknown)}; choose among {', '.join(known)}, {FUSED}, "
+                     f"or one of them with +{FUSED}")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
     if args.block is not None and args.block < 0:
@@ -270,7 +311,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.backends = args.backends or (["triton", "cusparselt", "cutlass", AUTO] if cuda else ["dense"])
+    args.backends = args.backends or (["triton", "cusparselt", "cutlass", AUTO, FUSED, f"{AUTO}+{FUSED}"] if cuda
+                                      else ["dense", FUSED])
     args.batch = args.batch or ([1, 4, 16] if cuda else [1, 2])
     args.seq = args.seq or ([32, 256, 1024] if cuda else [16, 64])
     args.block = (32 if cuda else 8) if args.block is None else args.block
@@ -284,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build(args.model, args.layers, device, args.dtype, args.seed)
     names = prune_24(model)
     dense_bytes = sum(model.get_submodule(n).weight.nbytes for n in names)
-    rows, checks = run(model, names, args.backends, args.batch, args.seq, args.block, args.warmup, args.reps,
-                       args.seed)
+    rows, checks = run(model, args.backends, args.batch, args.seq, args.block, args.warmup, args.reps, args.seed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {"device": device_name, "model": args.model, "layers": len(model.blocks),
               "dtype": str(args.dtype).removeprefix("torch."), "torch": torch.__version__,

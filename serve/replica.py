@@ -1,9 +1,9 @@
 """`ModelReplica`: one variant (a model directory or a pruned artifact) behind one DLMEngine.
 
-2:4 artifacts get their linear layers swapped for `Sparse24Linear` where the kernel
-dispatch gives them a sparse backend on this device; a layer that would only run
-the `dense` backend (every layer on CPU) stays an `nn.Linear`: the same product,
-without the packed copy's memory. Results cross the Ray boundary as
+The model is prepared as `serve.engine.prepare` says: q/k/v and gate/up fused, and for
+2:4 artifacts `Sparse24Linear` swapped in where the dispatch measured on this device gives
+a layer a sparse backend; a layer that would only run the `dense` backend (every layer on
+CPU) stays an `nn.Linear`: the same product, without the packed copy's memory. Results cross the Ray boundary as
 plain dicts; refusals (bad input, overload) and failures of one request (a bug
 while preparing or running it) are returned as error events with the HTTP status
 the router should answer, never raised: an exception escaping a replica call would
@@ -19,6 +19,7 @@ from ray import serve
 
 from serve.engine.config import EngineConfig
 from serve.engine.engine import DLMEngine, StepStats
+from serve.engine.prepare import prepare_for_serving
 from serve.metrics import ReplicaMetrics
 from serve.engine.requests import FINISHED, EngineOverloaded, GenerationRequest, RequestError, RequestOutput
 
@@ -51,30 +52,22 @@ class ModelReplica:
         loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
         self.manifest = verify_manifest(resolve_model_dir(model)) or {}
         config = EngineConfig(**(engine or {}))
-        self.swapped, self.dispatch = self._swap_sparse(loaded, sparse_backend, config) if self._is_24(loaded) \
-            else ([], None)
+        self.prepared = prepare_for_serving(loaded, config, self._is_24(loaded), sparse_backend)
+        if self.prepared.dispatch is not None:
+            table = self.prepared.dispatch
+            log.info("sparse dispatch (%s, measured now: %d shapes in %.1f s): %s", table.path,
+                     len(table.measured), table.seconds, table.plans)
         self.engine = DLMEngine(loaded, tokenizer, config)
         self.metrics = ReplicaMetrics(variant)
         self.engine.step_listeners.append(self._on_step)
-        log.info("variant %s: %s on %s, %d sparse layers", variant, model, device, len(self.swapped))
+        log.info("variant %s: %s on %s, %d fused projections, %d sparse layers", variant, model, device,
+                 len(self.prepared.fused), len(self.prepared.swapped))
 
     @staticmethod
     def _is_24(model) -> bool:
         from sinkprune.dlm.artifact_io import sparsity_format
 
         return sparsity_format(model.config.hf_config) is not None
-
-    @staticmethod
-    def _swap_sparse(model, backend: str | None, config: EngineConfig):
-        """Sparse kernels where the dispatch measured on this GPU (at this engine's M values) favours them."""
-        from sinkkernels.measure import engine_m_values, swap_for_serving
-
-        swapped, table = swap_for_serving(model, engine_m_values(config.max_num_seqs, config.max_tokens_per_step),
-                                          backend)
-        if table is not None:
-            log.info("sparse dispatch (%s, measured now: %d shapes in %.1f s): %s", table.path,
-                     len(table.measured), table.seconds, table.plans)
-        return swapped, table
 
     def _on_step(self, stats: StepStats) -> None:
         self.metrics.step_finished(stats.batch_size, stats.duration_s, stats.waiting, stats.running,
@@ -147,8 +140,7 @@ class ModelReplica:
             return error_event(500, f"scoring failed: {type(err).__name__}", "server_error")
 
     def info(self) -> dict:
-        return {"variant": self.variant, "model": self.model_path, "sparse_layers": len(self.swapped),
-                "sparse_dispatch": self.dispatch.summary() if self.dispatch is not None else None,
+        return {"variant": self.variant, "model": self.model_path, **self.prepared.summary(),
                 "runner": self.engine.runner.stats(),
                 "manifest": {k: v for k, v in self.manifest.items() if k not in ("files", "per_layer_sparsity")},
                 "waiting": self.engine.num_waiting, "running": self.engine.num_running}

@@ -115,6 +115,21 @@ class Sparse24Linear(nn.Module):
         values, meta = bitmask_to_packed(compressed, bitmask, shape, name)
         return cls(values, meta, bias, backend, name, table)
 
+    @classmethod
+    def stack(cls, layers: Sequence[Sparse24Linear], name: str = "weight") -> Sparse24Linear:
+        """One layer computing every one of `layers` (same input size) with their output rows stacked; a
+        packed row is its own values and meta, so the stack is made without unpacking. Used to fuse q/k/v
+        and gate/up for serving; the plan is made for the stacked shape."""
+        first = layers[0]
+        if any(layer.in_features != first.in_features for layer in layers):
+            raise ValueError(f"{name}: layers of different input sizes cannot be stacked")
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat([layer.bias if layer.bias is not None else first.values.new_zeros(layer.out_features)
+                              for layer in layers])
+        return cls(torch.cat([layer.values for layer in layers]), torch.cat([layer.meta for layer in layers]), bias,
+                   first.requested_backend, name, first.table)
+
     def _prepare(self) -> None:
         """Validate the packed buffers, choose the plan and build each of its backends' weights."""
         check_packed(self.values, self.meta, self.name)

@@ -72,3 +72,25 @@ def time_cpu(fn: Callable[[], object], warmup: int, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+# aten operators that only make views (no kernel on a GPU); left out of the CPU count
+VIEW_OPS = frozenset(f"aten::{name}" for name in (
+    "view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze", "slice", "select",
+    "narrow", "split", "split_with_sizes", "chunk", "unbind", "as_strided", "alias", "detach", "_unsafe_view"))
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> int:
+    """What one eager call of `fn` launches: GPU kernels on CUDA; on a CPU, the operators called from Python
+    that compute (top-level aten ops other than views), a proxy for the kernels a GPU would launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None and e.name not in VIEW_OPS)

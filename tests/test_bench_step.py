@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sinkkernels.sparse24 import Sparse24Linear
-from benchmarks.bench_step import BASELINE, build, prune_24, swapped
+from benchmarks.bench_step import BASELINE, build, fused, prune_24, split_label, swapped
 from sinkprune.calibration import prunable_linears
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,37 @@ def test_swap_is_undone_and_sparse_logits_equal_the_pruned_dense_ones():
     ids = torch.randint(0, 100, (2, 12))
     with torch.inference_mode():
         dense = model(ids).logits
-        with swapped(model, names, "dense"):
+        with swapped(model, "dense"):
             assert all(isinstance(model.get_submodule(n), Sparse24Linear) for n in names)
             torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
         assert all(model.get_submodule(n) is originals[n] for n in names)
         torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+
+
+def test_fusing_is_undone_and_a_fused_swap_stacks_the_packed_rows():
+    model = build("embedded", layers=2, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    names = prune_24(model)
+    originals = {name: model.get_submodule(name) for name in names}
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.inference_mode():
+        dense = model(ids).logits
+        with fused(model), swapped(model, "dense"):
+            block = model.blocks[0]
+            assert not hasattr(block, "q_proj") and isinstance(block.qkv_proj.linear, Sparse24Linear)
+            assert block.qkv_proj.linear.out_features == sum(originals[f"model.transformer.blocks.0.{n}"].out_features
+                                                             for n in ("q_proj", "k_proj", "v_proj"))
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-6, atol=1e-6)
+        assert all(model.get_submodule(n) is originals[n] for n in names)
+        assert model.blocks[0].qkv_proj is None and model.blocks[0].gate_up_proj is None
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)
+
+
+def test_backend_labels():
+    assert split_label("triton") == ("triton", False)
+    assert split_label("fused") == (None, True)
+    assert split_label("auto+fused") == ("auto", True)
+    with pytest.raises(ValueError, match="only suffix"):
+        split_label("auto+fast")
 
 
 def test_preset_keeps_the_public_shapes_with_fewer_layers():
@@ -50,16 +76,22 @@ def test_preset_keeps_the_public_shapes_with_fewer_layers():
 @pytest.mark.slow
 def test_cpu_run_reports_every_backend(tmp_path):
     result = bench(tmp_path, "--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "12", "--block", "4",
-                   "--warmup", "1", "--reps", "1", "--backends", "dense,triton,cusparselt,auto", interpret=True)
+                   "--warmup", "1", "--reps", "1", "--backends", "dense,triton,cusparselt,auto,fused,triton+fused",
+                   interpret=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "step.json").read_text())
     assert (tmp_path / "step.png").stat().st_size > 0
     assert report["sparse_layers"] == 7 and report["layers"] == 1
-    backends = [BASELINE, "dense", "triton", "cusparselt", "auto"]
+    backends = [BASELINE, "dense", "triton", "cusparselt", "auto", "fused", "triton+fused"]
     assert [(r["backend"], r["block"]) for r in report["rows"]] == [(b, k) for b in backends for k in (None, 4)]
     checks = {c["backend"]: c for c in report["checks"]}
     assert checks["dense"]["max_rel_err"] == 0 and checks["auto"]["max_rel_err"] == 0
+    assert checks["fused"]["max_rel_err"] < 1e-6
     assert 0 < checks["triton"]["max_rel_err"] < 1e-4  # fp32 through our kernel, a different summation order
+    assert 0 < checks["triton+fused"]["max_rel_err"] < 1e-4
+    launches = {(r["backend"], r["block"]): r["launches"] for r in report["rows"]}
+    for block in (None, 4):  # fused: 3 linears fewer per block (q/k/v -> 1, gate/up -> 1)
+        assert launches[("fused", block)] == launches[(BASELINE, block)] - 3
     assert "CUDA" in checks["cusparselt"]["skipped"]
     assert all(r["ms"] > 0 for r in report["rows"] if r["skipped"] is None)
     assert "| triton | full | 1 | 12 | 12 |" in result.stdout and "| triton | dual cache, block 4 | 1 | 12 | 4 |" \

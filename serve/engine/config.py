@@ -24,6 +24,8 @@ class EngineConfig:
       arena, `max_num_seqs + 1` slots of this many positions per layer.
     - `cuda_graphs`: on a GPU, capture each pass shape (rounded up to a bucket) once as a
       CUDA graph and replay it, instead of launching every kernel from Python each step.
+    - `fuse_projections`: serve q/k/v as one matmul and gate/up as one (`sinkprune.dlm.fusion`):
+      the same outputs with fewer, wider GEMMs; applied by `serve.engine.prepare` at load.
     """
 
     max_num_seqs: int = 8
@@ -35,6 +37,7 @@ class EngineConfig:
     stop_token_ids: tuple[int, ...] = ()
     max_model_len: int | None = None
     cuda_graphs: bool = True
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # YAML and JSON give lists

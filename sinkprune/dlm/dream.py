@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, KVSlot, RMSNorm, attention, swiglu
+from sinkprune.dlm.layers import AttentionInputs, FusedLinear, KVSlot, RMSNorm, attention, project, swiglu
 from sinkprune.dlm.model import DiffusionLM
 
 
 class DreamAttention(nn.Module):
+    fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see `sinkprune.dlm.fusion`
+
     def __init__(self, config: DLMConfig):
         super().__init__()
         d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -24,21 +26,26 @@ class DreamAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=True)
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(q, d, bias=False)
+        self.qkv_proj: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
-        return attention(self.q_proj, self.k_proj, self.v_proj, self.o_proj, x, inputs,
-                         self.num_heads, self.num_kv_heads, kv)
+        q, k, v = project(x, self.qkv_proj, self, self.fusions["qkv_proj"])
+        return attention(q, k, v, self.o_proj, inputs, self.num_heads, self.num_kv_heads, kv)
 
 
 class DreamMLP(nn.Module):
+    fusions = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, config: DLMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(self.gate_proj, self.up_proj, self.down_proj, x)
+        gate, up = project(x, self.gate_up_proj, self, self.fusions["gate_up_proj"])
+        return swiglu(gate, up, self.down_proj)
 
 
 class DreamBlock(nn.Module):

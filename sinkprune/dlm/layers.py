@@ -143,17 +143,17 @@ def make_attention_inputs(
 
 
 def attention(
-    q_proj: nn.Module,
-    k_proj: nn.Module,
-    v_proj: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     out_proj: nn.Module,
-    x: torch.Tensor,
     inputs: AttentionInputs,
     num_heads: int,
     num_kv_heads: int,
     kv: KVSlot | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional multi-head (or grouped-query) attention.
+    """Bidirectional multi-head (or grouped-query) attention of projected queries, keys and values
+    (batch, seq, heads x head_dim).
 
     Returns the projected output and, only if `inputs.want_mass`, the attention
     mass per key position: softmax probabilities summed over heads and real
@@ -161,11 +161,11 @@ def attention(
     materialises the probabilities and is only for analysis. `kv` exchanges
     keys/values with the prefix and suffix caches (see `KVSlot`).
     """
-    batch, seq, _ = x.shape
-    head_dim = q_proj.out_features // num_heads  # any linear module, Sparse24Linear included
-    q = q_proj(x).view(batch, seq, num_heads, head_dim).transpose(1, 2)
-    k = k_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
+    batch, seq, width = q.shape
+    head_dim = width // num_heads
+    q = q.view(batch, seq, num_heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
     if kv is not None:
@@ -202,5 +202,24 @@ def _attention_with_mass(q, k, v, inputs: AttentionInputs):
     return probs.to(v.dtype) @ v, mass
 
 
-def swiglu(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return down_proj(F.silu(gate_proj(x)) * up_proj(x))
+class FusedLinear(nn.Module):
+    """Linears that read one input (q, k, v; gate, up) run as one matmul with their output rows stacked,
+    split after: fewer and bigger GEMMs when serving (`sinkprune.dlm.fusion`). Stacking output rows
+    keeps a 2:4 weight 2:4, since its groups run along the input dimension."""
+
+    def __init__(self, linear: nn.Module, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.linear, self.sizes = linear, tuple(sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
+def project(x: torch.Tensor, fused: FusedLinear | None, owner: nn.Module, names: tuple[str, ...]
+            ) -> tuple[torch.Tensor, ...]:
+    """The outputs of `owner`'s linears `names` on x: through their fused form when there is one."""
+    return fused(x) if fused is not None else tuple(getattr(owner, name)(x) for name in names)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
+    return down_proj(F.silu(gate) * up)

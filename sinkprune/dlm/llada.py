@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, KVSlot, RMSNorm, attention, swiglu
+from sinkprune.dlm.layers import AttentionInputs, FusedLinear, KVSlot, RMSNorm, attention, project, swiglu
 from sinkprune.dlm.model import DiffusionLM
 
 
 class LLaDABlock(nn.Module):
+    # linears over one input that serving may run as one (`sinkprune.dlm.fusion`)
+    fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ff_proj", "up_proj")}
+
     def __init__(self, config: DLMConfig):
         super().__init__()
         d, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -27,12 +30,15 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(d, config.intermediate_size, bias=False)  # gate (SiLU side)
         self.up_proj = nn.Linear(d, config.intermediate_size, bias=False)
         self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
+        self.qkv_proj: FusedLinear | None = None
+        self.gate_up_proj: FusedLinear | None = None
 
     def forward(self, hidden: torch.Tensor, inputs: AttentionInputs, kv: KVSlot | None = None):
-        attn, mass = attention(self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               self.attn_norm(hidden), inputs, self.num_heads, self.num_kv_heads, kv)
+        q, k, v = project(self.attn_norm(hidden), self.qkv_proj, self, self.fusions["qkv_proj"])
+        attn, mass = attention(q, k, v, self.attn_out, inputs, self.num_heads, self.num_kv_heads, kv)
         hidden = hidden + attn
-        hidden = hidden + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(hidden))
+        gate, up = project(self.ff_norm(hidden), self.gate_up_proj, self, self.fusions["gate_up_proj"])
+        hidden = hidden + swiglu(gate, up, self.ff_out)
         return hidden, mass
 
 

@@ -1,0 +1,44 @@
+"""A loaded model made ready to serve: what a replica and the serving benchmark both do, in one place.
+
+First q/k/v and gate/up are fused (`EngineConfig.fuse_projections`), then, for a 2:4 model, the sparse
+dispatch is measured on this device at the M values this engine produces, on the fused shapes, and
+`Sparse24Linear` swapped in where a sparse backend wins (`sinkkernels.measure.swap_for_serving`).
+CUDA graphs are captured afterwards, by the engine's runner, on the layers as swapped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from serve.engine.config import EngineConfig
+from sinkkernels.measure import MeasuredTable, engine_m_values, swap_for_serving
+from sinkprune.dlm.fusion import fuse_projections
+
+
+@dataclass
+class Prepared:
+    """What preparing did: the fused modules, the layers given a sparse backend, the dispatch measured."""
+
+    fused: list[str] = field(default_factory=list)
+    swapped: list[str] = field(default_factory=list)
+    dispatch: MeasuredTable | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"fused_projections": len(self.fused), "sparse_layers": len(self.swapped),
+                "sparse_dispatch": self.dispatch.summary() if self.dispatch is not None else None,
+                "prepare_seconds": round(self.seconds, 3)}
+
+
+def prepare_for_serving(model: nn.Module, config: EngineConfig, sparse: bool,
+                        backend: str | None = None) -> Prepared:
+    """Fuse, then (if `sparse`: the model's linears are 2:4) measure the dispatch and swap."""
+    started = time.perf_counter()
+    prepared = Prepared(fuse_projections(model) if config.fuse_projections else [])
+    if sparse:
+        m_values = engine_m_values(config.max_num_seqs, config.max_tokens_per_step)
+        prepared.swapped, prepared.dispatch = swap_for_serving(model, m_values, backend)
+    prepared.seconds = time.perf_counter() - started
+    return prepared
