@@ -2,10 +2,13 @@
 
 When a replica loads a 2:4 model on a GPU, `measured_table` times every usable backend on each of the
 model's linear shapes at the M values its engine produces (`engine_m_values`), keeps the fastest per
-range of M, and caches the plans on disk keyed by device, torch version, dtype, shape and those M values,
-so a later start on the same machine reads them back instead of timing again. A sparse backend must beat
-dense by `DENSE_MARGIN` to be chosen: within the timing noise a pruned layer stays on the dense kernel,
-never slower than `nn.Linear`.
+range of M, and caches the plans on disk keyed by device, torch version, dtype, shape, those M values and
+the policy, so a later start on the same machine reads them back instead of timing again. A sparse backend
+must beat dense by `DENSE_MARGIN` to be chosen: within the timing noise a pruned layer stays on the dense
+kernel, never slower than `nn.Linear`. The default policy, `compact`, gives each layer one backend for
+every M (`single_representation_steps`), so a layer holds its weight in one form: dense, or compressed
+when a sparse backend is never slower than dense; `fastest` allows a different backend per range of M,
+at the memory of both forms.
 """
 from __future__ import annotations
 
@@ -19,13 +22,15 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import BACKENDS, TABLE_FORMAT, fastest_steps, forced_backend, table_key, unavailable_reason
+from .dispatch import (BACKENDS, TABLE_FORMAT, fastest_steps, forced_backend, single_representation_steps, table_key,
+                       unavailable_reason)
 from .sparse24 import Sparse24Linear
 from .swap import sparse_shapes, swap_sparse_linears
 from .testing import random_24_weight
 from .timing import time_cpu, time_cuda
 
 DENSE_MARGIN = 0.03
+POLICIES = {"compact": single_representation_steps, "fastest": fastest_steps}
 ENV_CACHE = "SINKSERVE_DISPATCH_CACHE"
 Timer = Callable[[Callable[[], object], int, int], float]
 
@@ -56,9 +61,10 @@ class MeasuredTable:
     path: Path
     measured: list[str]  # keys timed in this call (the others were read from the cache)
     seconds: float
+    policy: str = "compact"
 
     def summary(self) -> dict:
-        return {"plans": self.plans, "cache": str(self.path), "measured_now": self.measured,
+        return {"plans": self.plans, "policy": self.policy, "cache": str(self.path), "measured_now": self.measured,
                 "measure_seconds": round(self.seconds, 3)}
 
 
@@ -80,29 +86,34 @@ def measure_shape(n: int, k: int, dtype: torch.dtype, device: torch.device, m_va
 
 def measured_table(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device: torch.device | str,
                    m_values: list[int], backends: Iterable[str] = BACKENDS, timer: Timer | None = None,
-                   cache_dir: Path | str | None = None) -> MeasuredTable:
-    """Plans for `shapes` on this device: read from the cache where it holds them for these M values,
-    measured (and written back) otherwise."""
+                   cache_dir: Path | str | None = None, policy: str = "compact") -> MeasuredTable:
+    """Plans for `shapes` on this device: read from the cache where it holds them for these M values and
+    this policy, measured (and written back) otherwise."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown dispatch policy {policy!r}: choose one of {', '.join(POLICIES)}")
     device = torch.device(device)
     path = cache_path(device, cache_dir)
     cached = json.loads(path.read_text()) if path.is_file() else {}
     plans, measured_m = dict(cached.get("plans", {})), dict(cached.get("m_values", {}))
+    policies = dict(cached.get("policies", {}))
     started, measured = time.perf_counter(), []
     wanted = sorted(set(m_values))
     for n, k in sorted(set(shapes)):
         key = table_key(device_name(device), dtype, n, k)
-        if measured_m.get(key) == wanted and key in plans:
+        if measured_m.get(key) == wanted and policies.get(key, "fastest") == policy and key in plans:
             continue
         times = measure_shape(n, k, dtype, device, wanted, backends, timer)
-        plans[key], measured_m[key] = fastest_steps(times, DENSE_MARGIN), wanted
+        plans[key], measured_m[key], policies[key] = POLICIES[policy](times, DENSE_MARGIN), wanted, policy
         measured.append(key)
     if measured:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
-        partial.write_text(json.dumps({"format": TABLE_FORMAT, "plans": plans, "m_values": measured_m}, indent=1))
+        partial.write_text(json.dumps({"format": TABLE_FORMAT, "plans": plans, "m_values": measured_m,
+                                       "policies": policies}, indent=1))
         partial.replace(path)
     keys = {table_key(device_name(device), dtype, n, k) for n, k in shapes}
-    return MeasuredTable({key: plans[key] for key in sorted(keys)}, path, measured, time.perf_counter() - started)
+    return MeasuredTable({key: plans[key] for key in sorted(keys)}, path, measured, time.perf_counter() - started,
+                         policy)
 
 
 def swap_for_serving(model: torch.nn.Module, m_values: list[int], backend: str | None = None

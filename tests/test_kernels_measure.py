@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sinkkernels import dispatch, measure
-from sinkkernels.dispatch import TABLE_FORMAT, fastest_steps, table_key
+from sinkkernels.dispatch import TABLE_FORMAT, fastest_steps, single_representation_steps, table_key
 from sinkkernels.swap import sparse_shapes, swap_sparse_linears
 from sinkkernels.testing import random_24_weight
 
@@ -25,6 +25,39 @@ def test_a_sparse_backend_must_beat_dense_by_the_margin():
              4096: {"dense": 1.0, "cusparselt": 0.98}}
     assert fastest_steps(times, dense_margin=0.03) == [[32, "dense"], [1024, "cusparselt"], [None, "dense"]]
     assert fastest_steps(times) == [[32, "triton"], [None, "cusparselt"]]
+
+
+def test_compact_plans_hold_one_form_of_the_weight_and_are_never_slower_than_dense():
+    # the H200 case: cuSPARSELt ahead only at mid M, behind at small M -> a mixed plan would hold both forms
+    mixed = {32: {"dense": 1.0, "cusparselt": 1.6}, 1024: {"dense": 1.0, "cusparselt": 0.9},
+             4096: {"dense": 1.0, "cusparselt": 1.01}}
+    assert fastest_steps(mixed, 0.03) == [[32, "dense"], [1024, "cusparselt"], [None, "dense"]]
+    assert single_representation_steps(mixed, 0.03) == [[None, "dense"]]
+    # never slower anywhere and 10% faster in total: the sparse backend alone, the fastest such one
+    ahead = {32: {"dense": 1.0, "triton": 0.8, "cusparselt": 1.0}, 1024: {"dense": 1.0, "triton": 1.0,
+                                                                             "cusparselt": 0.7}}
+    assert single_representation_steps(ahead, 0.03) == [[None, "cusparselt"]]
+    assert single_representation_steps({**ahead, 4096: {"dense": 1.0, "triton": 0.5, "cusparselt": 0.9}},
+                                       0.03) == [[None, "triton"]]
+    # a backend slower than dense at one M is out, however fast elsewhere
+    assert single_representation_steps({**ahead, 64: {"dense": 1.0, "triton": 0.9, "cusparselt": 1.2}},
+                                       0.03) == [[None, "triton"]]
+    # never slower but within the margin in total: dense
+    assert single_representation_steps({32: {"dense": 1.0, "triton": 0.99}}, 0.03) == [[None, "dense"]]
+
+
+def test_the_cache_is_kept_per_policy(tmp_path, interpreter):
+    timer = FakeTimer({"dense": 2.0, "triton": 1.0})
+    shape = {(32, 64)}
+    compact = measure.measured_table(shape, torch.float32, "cpu", [1, 8], timer=timer, cache_dir=tmp_path)
+    assert timer.calls == 4 and list(compact.plans.values()) == [[[None, "triton"]]]
+    fastest = measure.measured_table(shape, torch.float32, "cpu", [1, 8], timer=timer, cache_dir=tmp_path,
+                                     policy="fastest")
+    assert fastest.measured and timer.calls == 8  # a plan made under another policy is measured again
+    assert compact.summary()["policy"] == "compact" and fastest.summary()["policy"] == "fastest"
+    assert json.loads(fastest.path.read_text())["policies"] == {table_key("cpu", torch.float32, 32, 64): "fastest"}
+    with pytest.raises(ValueError, match="unknown dispatch policy 'smallest'"):
+        measure.measured_table(shape, torch.float32, "cpu", [1], timer=timer, cache_dir=tmp_path, policy="smallest")
 
 
 class FakeTimer:
