@@ -7,8 +7,11 @@ step, `ignore_eos`) at each concurrency: first as the dense replica serves it
 (`nn.Linear`), then as the pruned replica does; both prepared by the replica's own
 `serve.engine.prepare.prepare_for_serving` (q/k/v and gate/up fused, and for the pruned
 variant the dispatch measured on this device at the engine's M values, then the swap),
-each with CUDA graphs on and off. Reports output tokens/s, latency p50/p99 and the ratio
-of each run to the dense one with graphs, and writes JSON. On CPU it runs the same
+each with CUDA graphs on and off. Reports output tokens/s, latency p50/p99, engine steps
+per token, the ratio of each run to the dense one with graphs, and the weights'
+memory floor: reading every linear weight once at the copy bandwidth measured on the
+device in this run, per step, and the share of the wall time those reads would take
+(1.0: the run is as fast as reading the dense weights allows). Writes JSON. On CPU it runs the same
 path on a small model (`--layers 1`) to check it, not to time it.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,13 +39,37 @@ def _ints(text: str) -> list[int]:
 
 def requests_for(config, count: int, prompt_tokens: int, max_tokens: int, block: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(4, config.mask_token_id, (count, prompt_tokens), generator=generator).tolist()
+    ids = torch.randint(4, config.vocab_size - 1, (count, prompt_tokens), generator=generator)
+    prompts = (ids + (ids >= config.mask_token_id).long()).tolist()  # never the mask token
     return [GenerationRequest(prompt=p, max_tokens=max_tokens, steps=max_tokens, block_length=block,
                               ignore_eos=True, dual_cache=True, seed=i, request_id=f"r{i}")
             for i, p in enumerate(prompts)]
 
 
-async def serve_runs(model, args, variant: str) -> list[dict]:
+def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
+    """Bytes per second one device-to-device copy moves (read + write), best of 5: the memory floor's rate."""
+    source = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.nbytes / best
+
+
+def with_floor(row: dict, floor_s_per_step: float) -> dict:
+    """The row with its engine steps, the floor per step and the share of the wall time the floor is."""
+    steps = round(row["steps_per_token"] * row["output_tokens"])
+    return row | {"engine_steps": steps, "weights_floor_ms_per_step": floor_s_per_step * 1e3,
+                  "floor_fraction": steps * floor_s_per_step / row["wall_s"]}
+
+
+async def serve_runs(model, args, variant: str, floor_s_per_step: float) -> list[dict]:
     rows = []
     for graphs in args.graphs:
         for concurrency in args.concurrency:
@@ -51,7 +79,8 @@ async def serve_runs(model, args, variant: str) -> list[dict]:
                                   cuda_graphs=graphs, max_model_len=args.prompt_tokens + args.max_tokens)
             await run_engine(model, None, requests[:concurrency], concurrency, "warm-up", config=config)
             measured = await run_engine(model, None, requests, concurrency, variant, config=config)
-            rows.append({"variant": variant, "cuda_graphs": graphs} | measured.summary())
+            rows.append(with_floor({"variant": variant, "cuda_graphs": graphs} | measured.summary(),
+                                   floor_s_per_step))
             print(f"{variant:6} graphs={graphs!s:5} concurrency {concurrency:3}: "
                   f"{rows[-1]['output_tokens_per_s']:8.1f} tok/s, p50 {rows[-1]['latency_ms_p50']:8.1f} ms",
                   file=sys.stderr)
@@ -61,19 +90,22 @@ async def serve_runs(model, args, variant: str) -> list[dict]:
 def table(rows: list[dict]) -> str:
     base = {(r["concurrency"]): r["output_tokens_per_s"] for r in rows if r["variant"] == "dense"
             and r["cuda_graphs"]}
-    lines = ["| variant | CUDA graphs | concurrency | output tok/s | p50 ms | p99 ms | vs dense with graphs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| variant | CUDA graphs | concurrency | output tok/s | p50 ms | p99 ms | steps / token | "
+             "weights floor / wall | vs dense with graphs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ratio = r["output_tokens_per_s"] / base[r["concurrency"]] if r["concurrency"] in base else None
         lines.append(f"| {r['variant']} | {'on' if r['cuda_graphs'] else 'off'} | {r['concurrency']} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | "
+                     f"{r['steps_per_token']:.2f} | {r['floor_fraction']:.2f} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llada-8b", choices=("llada-8b", "dream-7b"))
+    parser.add_argument("--model", default="llada-8b", choices=("llada-8b", "dream-7b", "embedded"),
+                        help="a public shape with random weights, or the embedded model (a quick CPU check)")
     parser.add_argument("--layers", type=int, default=None, help="keep the first N blocks (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
@@ -105,18 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(args.model, args.layers, device, dtype, args.seed)
     prune_24(model)  # both variants serve the same 2:4 weights: only the kernels differ
+    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    bandwidth = copy_bandwidth(device)
     report = {"model": args.model, "layers": len(model.blocks), "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"),
               "command": " ".join(["python -m benchmarks.bench_serving", *(sys.argv[1:] if argv is None else argv)]),
-              "rows": []}
+              "linear_weight_bytes": linear_bytes, "copy_bandwidth_bytes_per_s": bandwidth, "rows": []}
     for variant in ("dense", "pruned"):
         if variant not in args.variants:
             continue
         config = EngineConfig(max_num_seqs=max(args.concurrency), fuse_projections=args.fuse)
         report[f"prepare_{variant}"] = prepare_for_serving(model, config, sparse=variant == "pruned").summary()
-        report["rows"] += asyncio.run(serve_runs(model, args, variant))
+        report["rows"] += asyncio.run(serve_runs(model, args, variant, linear_bytes / bandwidth))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each variant: an overrun keeps the first
     print(table(report["rows"]))
