@@ -120,11 +120,14 @@ def swap_for_serving(model: torch.nn.Module, m_values: list[int], backend: str |
                      ) -> tuple[list[str], MeasuredTable | None]:
     """What a replica does with a 2:4 model: on a GPU, unless a backend is forced, measure the dispatch for
     its shapes at `m_values`; then swap in `Sparse24Linear` where a plan has a sparse backend (layers whose
-    plan is dense alone stay `nn.Linear`). Returns the names swapped and the measured table (or None)."""
+    plan is dense alone stay `nn.Linear`), each holding only the form of the weight its plan runs from
+    (`release_packed`). Returns the names swapped and the measured table (or None)."""
     weight = next(p for p in model.parameters() if p.dim() == 2)
     table = None
     if weight.device.type == "cuda" and forced_backend(backend) is None:
         table = measured_table(sparse_shapes(model), weight.dtype, weight.device, m_values)
     names = swap_sparse_linears(model, backend=backend, skip_dense=True,
                                 table=table.plans if table is not None else None)
+    for name in names:  # each layer keeps only the form its plan runs from
+        model.get_submodule(name).release_packed()
     return names, table

@@ -98,6 +98,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("values", values.detach().contiguous())
         self.register_buffer("meta", meta.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.released = False
         self._prepare()
 
     @classmethod
@@ -121,6 +122,8 @@ class Sparse24Linear(nn.Module):
         packed row is its own values and meta, so the stack is made without unpacking. Used to fuse q/k/v
         and gate/up for serving; the plan is made for the stacked shape."""
         first = layers[0]
+        for layer in layers:
+            layer._check_kept("be stacked")
         if any(layer.in_features != first.in_features for layer in layers):
             raise ValueError(f"{name}: layers of different input sizes cannot be stacked")
         bias = None
@@ -133,6 +136,7 @@ class Sparse24Linear(nn.Module):
     def _prepare(self) -> None:
         """Validate the packed buffers, choose the plan and build each of its backends' weights."""
         check_packed(self.values, self.meta, self.name)
+        self.dtype = self.values.dtype
         self.plan: Plan = plan_for(self.values.device, self.values.dtype, self.out_features, self.in_features,
                                    self.requested_backend, self.table)
         self._runners: dict[str, Runner] = {}
@@ -152,17 +156,48 @@ class Sparse24Linear(nn.Module):
         # A plan of the dense backend alone runs what nn.Linear runs, with nothing added per call.
         self._dense_only = self._runners["dense"].weight if self.plan.backends == ("dense",) else None
 
+    def release_packed(self) -> bool:
+        """For serving: drop the packed buffers when no backend of the plan reads them (`dense`, `cusparselt`
+        and `cutlass` run from forms of their own), so that the layer holds its weight in one form. The layer
+        then serves as before but can no longer be moved, reloaded or unpacked. Returns whether it dropped them."""
+        if self.released or "triton" in self.plan.backends:
+            return False
+        self.values = self.meta = None
+        self.released = True
+        return True
+
+    def held_bytes(self) -> int:
+        """Bytes this layer holds for its weight (bias aside): the packed buffers unless released, plus the
+        form each other backend of its plan runs from."""
+        held = sum(t.nbytes for t in (self.values, self.meta) if t is not None)
+        for backend, runner in self._runners.items():
+            if backend == "dense":
+                held += runner.weight.nbytes
+            elif backend == "cusparselt":
+                held += runner.nbytes
+            elif backend == "cutlass":
+                held += runner.weight.packed.nbytes + runner.weight.meta.nbytes
+        return held
+
+    def _check_kept(self, action: str) -> None:
+        if self.released:
+            raise RuntimeError(f"{self.name}: this layer released its packed weights for serving "
+                               f"(release_packed) and cannot {action}; load it again instead")
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        self._check_kept("be moved or converted")
         super()._apply(fn, recurse)
         self._prepare()
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module's signature
+        self._check_kept("load a state dict")
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()
 
     def dense_weight(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight, rebuilt from the packed buffers."""
+        self._check_kept("rebuild its dense weight")
         return unpack(self.values, self.meta, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +208,8 @@ class Sparse24Linear(nn.Module):
             y = self._runners[self.plan.backend_for(x2d.shape[0])](x2d, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         except RuntimeError as error:  # checked only on failure: the happy path does no Python work dense does not
-            if x.shape[-1] != self.in_features or x.dtype != self.values.dtype:
-                raise ValueError(f"{self.name}: expected input (..., {self.in_features}) {self.values.dtype}, got "
+            if x.shape[-1] != self.in_features or x.dtype != self.dtype:
+                raise ValueError(f"{self.name}: expected input (..., {self.in_features}) {self.dtype}, got "
                                  f"{tuple(x.shape)} {x.dtype}") from error
             raise
 

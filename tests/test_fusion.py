@@ -84,3 +84,21 @@ def test_engine_on_a_prepared_model_equals_generate_alone(model_type, fuse):
     events, _ = asyncio.run(serve(DLMEngine(model, None, config), requests, [0] * len(requests)))
     for request, request_events in zip(requests, events):
         assert final(request_events).token_ids == reference(original, request, request.seed), request
+
+
+def test_prepared_sparse_layers_report_the_bytes_they_hold(monkeypatch):
+    """The replica's preparation with a sparse backend (Triton under the interpreter on the CPU): fused
+    layers swapped, and the bytes held against the dense weights' reported."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = random_model("llada", dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.blocks.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(random_24_weight(*module.weight.shape, seed=module.in_features))
+    prepared = prepare_for_serving(model, EngineConfig(max_num_seqs=2, max_tokens_per_step=64), sparse=True,
+                                   backend="triton")
+    assert len(prepared.swapped) == 4 * len(model.blocks)  # q/k/v, o, gate/up, down
+    assert any(name.endswith("qkv_proj.linear") for name in prepared.swapped)
+    summary = prepared.summary()
+    # fp32 values (half the dense bytes) + 4 bits of metadata per group of 4: 17/32 of dense
+    assert summary["sparse_weight_bytes_held_vs_dense"] == pytest.approx(17 / 32, abs=1e-4)

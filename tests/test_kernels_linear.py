@@ -183,3 +183,28 @@ def test_dense_only_layer_is_f_linear_and_names_a_bad_input():
     assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
     with pytest.raises(ValueError, match=r"mlp\.up\.weight: expected input \(\.\.\., 64\)"):
         layer(torch.randn(3, 63))
+
+
+def test_a_released_layer_holds_one_form_and_refuses_what_needs_the_packed_one():
+    weight, bias = random_24_weight(32, 64, seed=3), torch.randn(32)
+    layer = Sparse24Linear.from_dense(weight, bias, backend="dense", name="blocks.0.down")
+    x = torch.randn(5, 64)
+    expected = layer(x)
+    packed_bytes = layer.values.nbytes + layer.meta.nbytes
+    assert layer.held_bytes() == packed_bytes + weight.nbytes  # the packed state plus the dense runner's copy
+    assert layer.release_packed() and not layer.release_packed()  # once
+    assert layer.held_bytes() == weight.nbytes  # what nn.Linear holds
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    assert "values" not in layer.state_dict() and "bias" in layer.state_dict()
+    for action in (lambda: layer.to(torch.float64), layer.dense_weight,
+                   lambda: Sparse24Linear.stack([layer, layer])):
+        with pytest.raises(RuntimeError, match="blocks.0.down: this layer released its packed weights"):
+            action()
+
+
+def test_the_triton_plan_keeps_the_packed_buffers_it_reads(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = Sparse24Linear.from_dense(random_24_weight(16, 32), backend="triton")
+    assert not layer.release_packed()
+    assert layer.held_bytes() == layer.values.nbytes + layer.meta.nbytes  # 9/16 of dense in fp16/bf16
+    assert layer.held_bytes() < random_24_weight(16, 32).nbytes * 0.6

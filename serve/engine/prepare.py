@@ -25,10 +25,15 @@ class Prepared:
     swapped: list[str] = field(default_factory=list)
     dispatch: MeasuredTable | None = None
     seconds: float = 0.0
+    sparse_bytes_held: int = 0  # what the swapped layers hold for their weights
+    sparse_dense_bytes: int = 0  # what the same layers' dense weights would take
 
     def summary(self) -> dict:
+        ratio = self.sparse_bytes_held / self.sparse_dense_bytes if self.sparse_dense_bytes else None
         return {"fused_projections": len(self.fused), "sparse_layers": len(self.swapped),
                 "sparse_dispatch": self.dispatch.summary() if self.dispatch is not None else None,
+                "sparse_weight_bytes_held": self.sparse_bytes_held,
+                "sparse_weight_bytes_held_vs_dense": None if ratio is None else round(ratio, 4),
                 "prepare_seconds": round(self.seconds, 3)}
 
 
@@ -40,5 +45,9 @@ def prepare_for_serving(model: nn.Module, config: EngineConfig, sparse: bool,
     if sparse:
         m_values = engine_m_values(config.max_num_seqs, config.max_tokens_per_step)
         prepared.swapped, prepared.dispatch = swap_for_serving(model, m_values, backend)
+        layers = [model.get_submodule(name) for name in prepared.swapped]
+        prepared.sparse_bytes_held = sum(layer.held_bytes() for layer in layers)
+        prepared.sparse_dense_bytes = sum(layer.out_features * layer.in_features * layer.dtype.itemsize
+                                          for layer in layers)
     prepared.seconds = time.perf_counter() - started
     return prepared
