@@ -47,11 +47,13 @@ def requests_for(config, count: int, prompt_tokens: int, max_tokens: int, block:
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
-    """Bytes per second one device-to-device copy moves (read + write), best of 5: the memory floor's rate."""
+    """Bytes per second one device-to-device copy moves (read + write), best of 5 after a warm-up: the
+    memory floor's rate."""
     source = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
+    target.copy_(source)
     best = float("inf")
-    for _ in range(6):
+    for _ in range(5):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()

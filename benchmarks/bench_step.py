@@ -137,7 +137,7 @@ def fused(model: DiffusionLM) -> Iterator[None]:
         fuse_projections(model)
         yield
     finally:
-        for module, name in separate:
+        for module in {module for module, _ in separate}:
             for fused_name in module.fusions:
                 if getattr(module, fused_name, None) is not None:
                     delattr(module, fused_name)

@@ -130,18 +130,14 @@ def single_representation_steps(times: dict[int, dict[str, float]], dense_margin
     A mixed plan (dense at small M, a sparse backend at large M, say) keeps the dense weight and a compressed
     one, more memory than dense alone. Here a sparse backend is chosen only if it is never slower than dense
     at any measured M and its time summed over them beats dense by `dense_margin`; the fastest such backend
-    wins, else dense."""
+    wins, else dense. `times` holds dense at every M (the measurement always times it)."""
     def total(backend: str) -> float:
         return sum(by_backend[backend] for by_backend in times.values())
 
     candidates = [b for b in next(iter(times.values())) if b != "dense"
-                  and all(b in by_backend and ("dense" not in by_backend or by_backend[b] <= by_backend["dense"])
-                          for by_backend in times.values())]
+                  and all(b in by_backend and by_backend[b] <= by_backend["dense"] for by_backend in times.values())]
     best = min(candidates, key=total, default="dense")
-    has_dense = all("dense" in by_backend for by_backend in times.values())
-    if best != "dense" and has_dense and total(best) > total("dense") * (1 - dense_margin):
-        best = "dense"
-    return [[None, best]]
+    return [[None, best if total(best) <= total("dense") * (1 - dense_margin) else "dense"]]
 
 
 def load_table(path: Path | str | None = None) -> dict[str, list]:
