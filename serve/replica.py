@@ -1,9 +1,10 @@
 """`ModelReplica`: one variant (a model directory or a pruned artifact) behind one DLMEngine.
 
-The model is prepared as `serve.engine.prepare` says: q/k/v and gate/up fused, and for
-2:4 artifacts `Sparse24Linear` swapped in where the dispatch measured on this device gives
-a layer a sparse backend; a layer that would only run the `dense` backend (every layer on
-CPU) stays an `nn.Linear`: the same product, without the packed copy's memory. Results cross the Ray boundary as
+A 2:4 artifact's layers are loaded packed, never dense (`load_model(..., packed=True)`), and the
+model is prepared as `serve.engine.prepare` says: q/k/v and gate/up fused, then each 2:4 layer
+becomes a `Sparse24Linear` where the dispatch measured on this device gives it a sparse backend,
+holding only that backend's form, and an `nn.Linear` (unpacked) where dense wins, as on a CPU:
+the same product, the weight held once. Results cross the Ray boundary as
 plain dicts; refusals (bad input, overload) and failures of one request (a bug
 while preparing or running it) are returned as error events with the HTTP status
 the router should answer, never raised: an exception escaping a replica call would
@@ -49,7 +50,8 @@ class ModelReplica:
 
         self.variant = variant
         self.model_path = model
-        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        loaded, tokenizer = load_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                       packed=True)
         self.manifest = verify_manifest(resolve_model_dir(model)) or {}
         config = EngineConfig(**(engine or {}))
         self.prepared = prepare_for_serving(loaded, config, self._is_24(loaded), sparse_backend)

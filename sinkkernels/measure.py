@@ -25,7 +25,7 @@ import torch
 from .dispatch import (BACKENDS, TABLE_FORMAT, fastest_steps, forced_backend, single_representation_steps, table_key,
                        unavailable_reason)
 from .sparse24 import Sparse24Linear
-from .swap import sparse_shapes, swap_sparse_linears
+from .swap import serve_packed_linears, sparse_shapes, swap_sparse_linears
 from .testing import random_24_weight
 from .timing import time_cpu, time_cuda
 
@@ -119,15 +119,17 @@ def measured_table(shapes: Iterable[tuple[int, int]], dtype: torch.dtype, device
 def swap_for_serving(model: torch.nn.Module, m_values: list[int], backend: str | None = None
                      ) -> tuple[list[str], MeasuredTable | None]:
     """What a replica does with a 2:4 model: on a GPU, unless a backend is forced, measure the dispatch for
-    its shapes at `m_values`; then swap in `Sparse24Linear` where a plan has a sparse backend (layers whose
-    plan is dense alone stay `nn.Linear`), each holding only the form of the weight its plan runs from
-    (`release_packed`). Returns the names swapped and the measured table (or None)."""
+    its shapes at `m_values`; then give each 2:4 layer the form its plan runs from. A 2:4 `nn.Linear` gets
+    `Sparse24Linear` where the plan has a sparse backend and stays as it is otherwise; a layer loaded packed
+    (`Packed24Linear`) gets `Sparse24Linear` or, for a dense plan, an `nn.Linear` unpacked one layer at a
+    time (`serve_packed_linears`). Each Sparse24Linear holds only the form its plan reads (`release_packed`).
+    Returns the names given a Sparse24Linear and the measured table (or None)."""
     weight = next(p for p in model.parameters() if p.dim() == 2)
     table = None
     if weight.device.type == "cuda" and forced_backend(backend) is None:
         table = measured_table(sparse_shapes(model), weight.dtype, weight.device, m_values)
-    names = swap_sparse_linears(model, backend=backend, skip_dense=True,
-                                table=table.plans if table is not None else None)
+    plans = table.plans if table is not None else None
+    names = swap_sparse_linears(model, backend=backend, skip_dense=True, table=plans)
     for name in names:  # each layer keeps only the form its plan runs from
         model.get_submodule(name).release_packed()
-    return names, table
+    return names + serve_packed_linears(model, backend, plans), table

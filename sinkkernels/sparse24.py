@@ -6,7 +6,9 @@ once, at construction and after `.to()` / `.half()` (never per call): `dense` th
 dense weight, `triton` nothing (it reads the packed buffers), `cusparselt` the
 weight compressed by cuSPARSELt (our extension, plans made once), `cutlass` a
 PyTorch semi-structured tensor. A forward picks the backend by M, the
-number of rows of the flattened input.
+number of rows of the flattened input. `Packed24Linear` is the same weight before
+any plan: what a serving replica loads, so that nothing is built until the
+dispatch is measured.
 """
 from __future__ import annotations
 
@@ -73,6 +75,75 @@ class _CutlassRunner:
         return y if bias is None else y + bias
 
 
+def _check_bias(bias: torch.Tensor | None, values: torch.Tensor, out_features: int, name: str) -> None:
+    """A bias is added to the packed layer's output as it is: it must match its rows, dtype and device."""
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != values.dtype
+                             or bias.device != values.device):
+        raise ValueError(f"{name}: bias must be ({out_features},) {values.dtype} on {values.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+
+
+def _stacked(layers: Sequence[nn.Module], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Values, meta and bias of packed `layers` (same input size) with their output rows stacked: a packed row
+    is its own values and meta, so nothing is unpacked."""
+    first = layers[0]
+    if any(layer.in_features != first.in_features for layer in layers):
+        raise ValueError(f"{name}: layers of different input sizes cannot be stacked")
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias if layer.bias is not None else first.values.new_zeros(layer.out_features)
+                          for layer in layers])
+    return torch.cat([layer.values for layer in layers]), torch.cat([layer.meta for layer in layers]), bias
+
+
+class Packed24Linear(nn.Module):
+    """A 2:4 linear as a serving replica loads it: the packed buffers and the bias, nothing built from them.
+
+    What a layer should hold depends on the dispatch, measured after loading on the fused shapes; until then
+    it waits in this form, which has neither a dense copy nor a backend's: fusion stacks it as it is
+    (`stack`), then `sinkkernels.swap.serve_packed_linears` replaces it by a `Sparse24Linear`, or by an
+    `nn.Linear` where the plan is dense alone (`to_linear`). It does not run. It is built from tensors
+    (`load_sparse_linears`), not from a state dict, so its buffers are not persistent.
+    """
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
+                 name: str = "weight") -> None:
+        super().__init__()
+        self.out_features, self.in_features = check_packed(values, meta, name)
+        _check_bias(bias, values, self.out_features, name)
+        self.name = name
+        self.register_buffer("values", values.detach().contiguous(), persistent=False)
+        self.register_buffer("meta", meta.detach().contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    @classmethod
+    def from_bitmask(cls, compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor | Sequence[int],
+                     bias: torch.Tensor | None = None, name: str = "weight") -> Packed24Linear:
+        """From compressed-tensors `sparse-24-bitmask` tensors, without building the dense weight."""
+        return cls(*bitmask_to_packed(compressed, bitmask, shape, name), bias, name)
+
+    @classmethod
+    def stack(cls, layers: Sequence[Packed24Linear], name: str = "weight") -> Packed24Linear:
+        """One packed layer with the output rows of `layers` stacked (q/k/v, gate/up fused for serving)."""
+        return cls(*_stacked(layers, name), name)
+
+    def to_linear(self) -> nn.Linear:
+        """The `nn.Linear` that serves this layer where its plan is dense alone: the weight unpacked, the
+        layer's one dense copy."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(unpack(self.values, self.meta, self.name))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: a packed 2:4 layer runs only once it is given its serving form "
+                           "(sinkkernels.swap.serve_packed_linears)")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 class Sparse24Linear(nn.Module):
     """`y = x @ W^T + bias` for a 2:4 sparse W `(out_features, in_features)`; inference only.
 
@@ -87,10 +158,7 @@ class Sparse24Linear(nn.Module):
                  backend: str | None = None, name: str = "weight", table: dict[str, list] | None = None) -> None:
         super().__init__()
         out_features, in_features = packed_shape(values, name)
-        if bias is not None and (bias.shape != (out_features,) or bias.dtype != values.dtype
-                                 or bias.device != values.device):
-            raise ValueError(f"{name}: bias must be ({out_features},) {values.dtype} on {values.device}, got "
-                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+        _check_bias(bias, values, out_features, name)
         self.in_features, self.out_features = in_features, out_features
         self.requested_backend = backend
         self.table = table
@@ -121,17 +189,9 @@ class Sparse24Linear(nn.Module):
         """One layer computing every one of `layers` (same input size) with their output rows stacked; a
         packed row is its own values and meta, so the stack is made without unpacking. Used to fuse q/k/v
         and gate/up for serving; the plan is made for the stacked shape."""
-        first = layers[0]
         for layer in layers:
             layer._check_kept("be stacked")
-        if any(layer.in_features != first.in_features for layer in layers):
-            raise ValueError(f"{name}: layers of different input sizes cannot be stacked")
-        bias = None
-        if any(layer.bias is not None for layer in layers):
-            bias = torch.cat([layer.bias if layer.bias is not None else first.values.new_zeros(layer.out_features)
-                              for layer in layers])
-        return cls(torch.cat([layer.values for layer in layers]), torch.cat([layer.meta for layer in layers]), bias,
-                   first.requested_backend, name, first.table)
+        return cls(*_stacked(layers, name), layers[0].requested_backend, name, layers[0].table)
 
     def _prepare(self) -> None:
         """Validate the packed buffers, choose the plan and build each of its backends' weights."""

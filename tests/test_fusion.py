@@ -12,7 +12,8 @@ from torch import nn
 from serve.engine.config import EngineConfig
 from serve.engine.engine import DLMEngine
 from serve.engine.prepare import prepare_for_serving
-from sinkkernels.sparse24 import Sparse24Linear
+from sinkkernels.formats import pack, unpack
+from sinkkernels.sparse24 import Packed24Linear, Sparse24Linear
 from sinkkernels.testing import random_24_weight
 from sinkkernels.timing import count_launches
 from sinkprune.dlm.fusion import fuse_projections, stack_linears
@@ -58,6 +59,18 @@ def test_packed_2_4_rows_stack_into_one_layer():
     x = torch.randn(5, 32)
     expected = torch.cat([layer(x) for layer in layers], dim=-1)
     torch.testing.assert_close(stacked(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_loaded_packed_stack_packed_and_one_beside_plain_ones_is_unpacked():
+    weights = [random_24_weight(rows, 32, seed=rows) for rows in (16, 8)]
+    packed = [Packed24Linear(*pack(weight), name=f"p{i}") for i, weight in enumerate(weights)]
+    stacked = stack_linears(packed, "qkv")
+    assert type(stacked) is Packed24Linear and (stacked.out_features, stacked.in_features) == (24, 32)
+    torch.testing.assert_close(unpack(stacked.values, stacked.meta), torch.cat(weights), rtol=0, atol=0)
+    plain = nn.Linear(32, 8, bias=False)
+    mixed = stack_linears([packed[0], plain], "gate_up")  # a checkpoint that compressed only one of them
+    assert type(mixed) is nn.Linear and mixed.bias is None
+    torch.testing.assert_close(mixed.weight, torch.cat([weights[0], plain.weight]), rtol=0, atol=0)
 
 
 def test_what_cannot_be_fused_is_refused_by_name():

@@ -1,14 +1,17 @@
-"""Swapping 2:4 nn.Linear layers for Sparse24Linear, from dense weights and from bitmask tensors."""
+"""Swapping 2:4 nn.Linear layers for Sparse24Linear from dense weights; loading them packed from bitmask
+tensors, then giving each the form its plan runs from."""
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
 from conftest import random_model
 from torch import nn
 
-from sinkkernels import dispatch, formats
-from sinkkernels.sparse24 import Sparse24Linear
-from sinkkernels.swap import load_sparse_linears, swap_sparse_linears
+from sinkkernels import dispatch, formats, sparse24
+from sinkkernels.sparse24 import Packed24Linear, Sparse24Linear
+from sinkkernels.swap import load_sparse_linears, serve_packed_linears, swap_sparse_linears
 from sinkkernels.testing import random_24_weight
 
 
@@ -118,9 +121,35 @@ def test_load_from_bitmask_tensors():
         with torch.no_grad():
             model.get_submodule(name).weight.zero_()  # the loaded module must not read the linear's weight
     assert load_sparse_linears(model, tensors) == ["blocks.0.up", "blocks.1.gate"]
+    assert type(model.blocks[0].up) is Packed24Linear and model.blocks[0].up.bias is not None
     x = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.up: a packed 2:4 layer runs only once"):
+        model(x)
+    assert serve_packed_linears(model) == []  # on CPU every plan is dense: each layer unpacked into nn.Linear
+    assert type(model.blocks[0].up) is nn.Linear and type(model.blocks[1].gate) is nn.Linear
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+
+
+def test_serving_a_packed_layer_keeps_a_shared_one_shared_and_frees_each_before_the_next():
+    """One layer at a time holds two forms: a replaced packed layer is gone before the next is unpacked."""
+    packed = [Packed24Linear(*formats.pack(random_24_weight(8, 16, seed=i)), name=str(i)) for i in range(3)]
+    model = nn.ModuleDict({"a": packed[0], "b": nn.Sequential(packed[1], packed[2], packed[0])})
+    alive = [weakref.ref(layer) for layer in packed]
+    del packed
+    unpack, replaced_yet_alive = sparse24.unpack, []
+
+    def counting_unpack(*args, **kwargs):
+        in_model = {id(m) for m in model.modules() if isinstance(m, Packed24Linear)}
+        replaced_yet_alive.append(sum(ref() is not None and id(ref()) not in in_model for ref in alive))
+        return unpack(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse24, "unpack", counting_unpack)
+        assert serve_packed_linears(model) == []
+    assert replaced_yet_alive == [0, 0, 0]  # one unpack per layer, the shared one once
+    assert model["a"] is model["b"][2] and type(model["a"]) is nn.Linear
+    assert all(ref() is None for ref in alive)
 
 
 def test_load_from_bitmask_refuses_mismatches():

@@ -1,4 +1,4 @@
-"""Reading pruned artifacts: verification and 2:4 bitmask decompression.
+"""Reading pruned artifacts: verification, and 2:4 bitmask layers decompressed or loaded packed.
 
 An artifact is a model directory plus `sinkprune.json` (sha256 of every file)
 and, for 2:4 layers, compressed-tensors `sparse-24-bitmask` tensors declared
@@ -118,29 +118,63 @@ def sparsity_format(hf_config: dict) -> str | None:
     return ((hf_config.get("quantization_config") or {}).get("sparsity_config") or {}).get("format")
 
 
-def decompress_state(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
-    """Replace every `<param>.{compressed,bitmask,shape}` triple by the dense `<param>`,
-    refusing any that is not exactly 2:4 along the input dimension."""
+def split_compressed(state: dict[str, torch.Tensor], hf_config: dict
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
+    """The tensors stored as they are, and each `<param>.{compressed,bitmask,shape}` triple by the dense
+    `<param>` it stands for; ArtifactError for an unsupported format, an incomplete triple or a weight
+    stored both ways."""
     fmt = sparsity_format(hf_config)
     if fmt is None:
-        return state
+        return state, {}
     if fmt != BITMASK_FORMAT:
         raise ArtifactError(f"unsupported sparsity format {fmt!r} in config.json (only {BITMASK_FORMAT!r})")
-    from sinkkernels.formats import check_24, from_bitmask
-
     out = {name: t for name, t in state.items() if not name.endswith(SUFFIXES)}
-    prefixes = sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(SUFFIXES)})
-    for prefix in prefixes:
+    triples = {}
+    for prefix in sorted({name.rsplit(".", 1)[0] for name in state if name.endswith(SUFFIXES)}):
         parts = [state.get(prefix + suffix) for suffix in SUFFIXES]
         if any(p is None for p in parts):
             raise ArtifactError(f"tensor {prefix} lacks one of {', '.join(prefix + s for s in SUFFIXES)}")
         param = weight_name(prefix)
         if param in out:
             raise ArtifactError(f"tensor {param} is stored both dense and compressed ({prefix}.compressed)")
+        triples[param] = tuple(parts)
+    return out, triples
+
+
+def decompress_state(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
+    """Replace every `<param>.{compressed,bitmask,shape}` triple by the dense `<param>`,
+    refusing any that is not exactly 2:4 along the input dimension."""
+    from sinkkernels.formats import check_24, from_bitmask
+
+    out, triples = split_compressed(state, hf_config)
+    for param, parts in triples.items():
         try:
             dense = from_bitmask(*parts, name=param)
             check_24(dense, name=param)
         except ValueError as err:
             raise ArtifactError(f"tensor {param}: {err}") from err
         out[param] = dense
+    return out
+
+
+def load_packed_state(model: torch.nn.Module, state: dict[str, torch.Tensor], hf_config: dict,
+                      dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Put each 2:4 layer of `state` into `model` (built on the meta device) as a `Packed24Linear`, packed
+    straight from its bitmask (values in `dtype`, on `device`) and never dense, with its bias; returns the
+    other tensors, to load as usual. A triple that matches no linear of the model, or not its shape, or a
+    bitmask that is not exactly 2:4 is refused by name (ArtifactError)."""
+    from sinkkernels.swap import load_sparse_linears
+
+    out, triples = split_compressed(state, hf_config)
+    tensors = {}
+    for param, (compressed, bitmask, shape) in triples.items():
+        module = param.removesuffix(".weight")
+        tensors.update({f"{module}.compressed": compressed.to(dtype), f"{module}.bitmask": bitmask,
+                        f"{module}.shape": shape})
+        if f"{module}.bias" in out:
+            tensors[f"{module}.bias"] = out.pop(f"{module}.bias")
+    try:
+        load_sparse_linears(model, tensors, device=device)
+    except ValueError as err:
+        raise ArtifactError(str(err)) from err
     return out

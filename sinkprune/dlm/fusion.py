@@ -5,9 +5,9 @@ attention and MLP) gets one `FusedLinear` whose weight stacks the linears' outpu
 linears are removed, so the weights are held once. The outputs are the same numbers (each output row is
 the same dot product), fewer kernels are launched per step, and the GEMMs are wider, which small batches
 need on a GPU. 2:4 groups run along the input dimension, so a stack of 2:4 weights is 2:4: fuse before
-the sparse swap (the dispatch is then measured on the fused shapes), or stack `Sparse24Linear`s
-already packed. Serving only: a fused model no longer has the per-role linears that pruning, calibration
-and artifact writing walk, and fusing twice is a no-op.
+the sparse swap (the dispatch is then measured on the fused shapes). A replica fuses an artifact's layers
+as loaded, packed (`Packed24Linear`), without unpacking them. Serving only: a fused model no longer has
+the per-role linears that pruning, calibration and artifact writing walk, and fusing twice is a no-op.
 """
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ from sinkprune.dlm.layers import FusedLinear
 
 
 def stack_linears(linears: list[nn.Module], name: str) -> nn.Module:
-    """One linear computing every one of `linears` (same input size, dtype, device) at once."""
+    """One linear computing every one of `linears` (same input size, dtype, device) at once. A packed layer
+    fused with plain ones is unpacked (`to_linear`; a checkpoint that compressed only some of them): the stack
+    is then a plain linear, served dense unless it happens to be 2:4."""
+    if any(type(linear) is nn.Linear for linear in linears):
+        linears = [linear.to_linear() if hasattr(linear, "to_linear") else linear for linear in linears]
     if all(type(linear) is nn.Linear for linear in linears):
         first = linears[0]
         if any(linear.in_features != first.in_features for linear in linears):
@@ -39,10 +43,13 @@ def stack_linears(linears: list[nn.Module], name: str) -> nn.Module:
 
 
 def fuse_projections(model: nn.Module) -> list[str]:
-    """Fuse every group a module of `model` declares in `fusions`; returns the fused modules' names."""
+    """Fuse every group a module of `model` declares in `fusions`; returns the fused modules' names. The
+    owners are listed by name, so each group's separate linears are freed as soon as it is fused."""
     fused_names = []
-    for module_name, module in list(model.named_modules()):
-        for fused_name, names in getattr(module, "fusions", {}).items():
+    owners = [name for name, module in model.named_modules() if getattr(module, "fusions", None)]
+    for module_name in owners:
+        module = model.get_submodule(module_name)
+        for fused_name, names in module.fusions.items():
             if getattr(module, fused_name, None) is not None:
                 continue
             full = f"{module_name}.{fused_name}" if module_name else fused_name

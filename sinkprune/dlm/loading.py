@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from safetensors.torch import load_file
 
-from sinkprune.dlm.artifact_io import decompress_state, verify_model_dir
+from sinkprune.dlm.artifact_io import decompress_state, load_packed_state, verify_model_dir
 from sinkprune.dlm.config import DREAM, LLADA, DLMConfig
 from sinkprune.dlm.dream import DreamModel
 from sinkprune.dlm.errors import ConfigError, ModelLoadError
@@ -157,6 +157,7 @@ def load_model(
     with_tokenizer: bool = True,
     allow_unverified: bool = False,
     progress: bool = False,
+    packed: bool = False,
 ):
     """Load `(model, tokenizer)` from a local HF-layout directory, a pruned artifact
     (hashes verified, 2:4 tensors decompressed and checked) or the name `embedded`.
@@ -165,6 +166,9 @@ def load_model(
     converted. The model is returned in eval mode.
     A directory that declares a sparsity or quantization config is refused without a
     matching `sinkprune.json` unless `allow_unverified` (then with a warning).
+    `packed` (serving): the 2:4 layers are loaded as `Packed24Linear`, packed straight from
+    their bitmask, never dense; such a model runs once `serve.engine.prepare.prepare_for_serving`
+    has given each the form its plan runs from.
     """
     model_dir = resolve_model_dir(path_or_name)
     hf_config = read_json(model_dir / "config.json")
@@ -175,7 +179,9 @@ def load_model(
     files = weight_files(model_dir)
     dtype = dtype or config_dtype(config)
     model = build_model(config, device="meta", dtype=dtype)
-    state = decompress_state(read_state_dict(model_dir, device, files), config.hf_config)
+    state = read_state_dict(model_dir, device, files)
+    state = (load_packed_state(model, state, config.hf_config, dtype, device) if packed
+             else decompress_state(state, config.hf_config))
     check_state_dict(model, state)
     # one tensor at a time: the checkpoint's copy is freed as its converted one appears
     for name in tqdm(list(state), desc="load", unit="tensor", disable=not progress, delay=2):  # only if slow
