@@ -132,6 +132,22 @@ def test_padded_rows_equal_rows_alone(model_type, side):
             torch.testing.assert_close(batched[r, sl], alone, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_at_positions_equal_those_of_every_position(model_type, padded):
+    """The head on chosen positions only (what the engine asks for: a block) gives exactly those positions'
+    logits, Dream's shift and a left-padded row's first real token included."""
+    model = random_model(model_type)
+    ids = torch.randint(0, 90, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]) if padded else None
+    at = torch.tensor([[3, 4, 5, 6], [0, 1, 7, 7]])
+    with torch.no_grad():
+        every = model(ids, attention_mask=mask).logits
+        some = model(ids, attention_mask=mask, logits_at=at).logits
+    assert some.shape == (2, 4, every.shape[-1])
+    torch.testing.assert_close(some, every.gather(1, at[..., None].expand(-1, -1, every.shape[-1])),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_attention_mass_path_matches_fast_path_and_sums(model_type):
     model = random_model(model_type)
     ids = torch.randint(0, 90, (2, 7))

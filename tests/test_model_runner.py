@@ -14,15 +14,20 @@ import pytest
 from serve.engine.config import EngineConfig
 from serve.engine.engine import DLMEngine
 from serve.engine.model_runner import PassShape, bucket
+from serve.engine.requests import GenerationRequest
 from tests.conftest import random_model
 from tests.test_engine import final, random_requests, reference, serve
 
 
 def test_buckets_round_shapes_up_within_the_limits():
-    assert bucket(PassShape(3, 32, 100, False), 8, 512) == PassShape(4, 32, 128, False)
-    assert bucket(PassShape(5, 33, 0, True), 8, 512) == PassShape(8, 48, 0, True)
-    assert bucket(PassShape(7, 200, 500, False), 6, 512) == PassShape(6, 256, 512, False)
-    assert bucket(PassShape(1, 700, 0, True), 4, 640) == PassShape(1, 640, 0, True)
+    assert bucket(PassShape(3, 32, 100, False, 32), 8, 512) == PassShape(4, 32, 128, False, 32)
+    assert bucket(PassShape(5, 33, 0, True, 20), 8, 512) == PassShape(8, 48, 0, True, 32)
+    assert bucket(PassShape(7, 200, 500, False, 8), 6, 512) == PassShape(6, 256, 512, False, 16)
+    assert bucket(PassShape(1, 700, 0, True, 64), 4, 640) == PassShape(1, 640, 0, True, 64)
+    # context: multiples of 64 up to 512, then of an eighth of the next power of two (at most 1/8 padding)
+    assert [bucket(PassShape(1, 32, c, False, 32), 1, 8192).context for c in (1, 64, 65, 513, 700, 1025, 5000)] \
+        == [64, 64, 128, 640, 768, 1280, 5120]
+    assert bucket(PassShape(1, 8, 3, False, 40), 1, 512).block == 16  # never wider than the queries
 
 
 @pytest.mark.parametrize("model_type", ["llada", "dream"])
@@ -64,3 +69,43 @@ def test_slots_are_reused_and_never_shared_by_running_sequences():
     events, _ = asyncio.run(serve(engine, requests, [0] * len(requests)))
     assert all(final(e).finish_reason in ("stop", "length") for e in events)
     assert set().union(*seen) == {0, 1}
+
+
+def dual_cache_requests(count: int, block_length: int) -> list[GenerationRequest]:
+    """Dual-cache requests of two blocks with prompts of 1 to 30 tokens: block passes against many cache lengths."""
+    rng = random.Random(5)
+    return [GenerationRequest(prompt=[rng.randrange(2, 90) for _ in range(rng.randint(1, 30))],
+                              max_tokens=2 * block_length, steps=2 * block_length, block_length=block_length,
+                              dual_cache=True, ignore_eos=True, seed=i, request_id=f"w{i}") for i in range(count)]
+
+
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_warm_up_prepares_every_block_pass_the_engine_then_runs(model_type):
+    """What a replica captures at start covers every dual-cache block pass of that block length: serving
+    such requests of any prompt length and concurrency adds no block-pass bucket, and outputs stay exact."""
+    model = random_model(model_type)
+    engine = DLMEngine(model, None, EngineConfig(max_num_seqs=3, max_padding_ratio=64.0, max_model_len=48))
+    runner = engine.runner
+    runner.bucketed = True
+    report = runner.warm_up((4,))
+    expected = set(runner.block_pass_shapes((4,)))
+    assert set(runner.passes) == expected and report["passes"] == len(expected)
+    assert {s.rows for s in expected} == {1, 2, 3} and {s.context for s in expected} == {48}
+    assert {s.queries for s in expected} == {16} and all(not s.write and s.block == 16 for s in expected)
+    assert runner.stats()["captured_at_start"] == report
+    requests = dual_cache_requests(6, block_length=4)
+    events, _ = asyncio.run(serve(engine, requests, [0, 0, 0, 1, 2, 2]))
+    for request, request_events in zip(requests, events):
+        assert final(request_events).token_ids == reference(model, request, request.seed), request
+    added = set(runner.passes) - expected
+    assert added and all(s.write and not s.context for s in added)  # only the blocks' first (full) passes
+    assert runner.stats()["logits_buffer_bytes"] > 0
+
+
+def test_block_pass_shapes_stay_few_for_long_contexts():
+    """Contexts up to 8192 positions and 32 rows: the warm-up's graph count stays small."""
+    engine = DLMEngine(random_model("llada"), None, EngineConfig(max_num_seqs=32, max_tokens_per_step=8192))
+    engine.runner.max_length = 8192
+    shapes = engine.runner.block_pass_shapes((32,))
+    assert {s.rows for s in shapes} == {1, 2, 4, 8, 16, 32}
+    assert len(shapes) == 6 * 24  # 8 contexts up to 512, then 4 per doubling up to 8192

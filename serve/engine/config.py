@@ -24,8 +24,15 @@ class EngineConfig:
       arena, `max_num_seqs + 1` slots of this many positions per layer.
     - `cuda_graphs`: on a GPU, capture each pass shape (rounded up to a bucket) once as a
       CUDA graph and replay it, instead of launching every kernel from Python each step.
+    - `capture_block_lengths`: on a GPU with graphs, capture at start the dual-cache block passes
+      of these block lengths, for every row count and cache length (`ModelRunner.warm_up`), so
+      that no request pays for a capture; other passes (a block's first, full pass) are
+      captured on first use. Empty: capture everything on first use.
     - `fuse_projections`: serve q/k/v as one matmul and gate/up as one (`sinkprune.dlm.fusion`):
       the same outputs with fewer, wider GEMMs; applied by `serve.engine.prepare` at load.
+    - `compile_elementwise`: run the blocks' norm, rotary and SwiGLU chains through torch.compile,
+      one generated kernel each, bit for bit the eager outputs (`sinkprune.dlm.layers`);
+      process-wide; off until a GPU measurement shows it pays (compiling costs seconds at start).
     """
 
     max_num_seqs: int = 8
@@ -37,10 +44,15 @@ class EngineConfig:
     stop_token_ids: tuple[int, ...] = ()
     max_model_len: int | None = None
     cuda_graphs: bool = True
+    capture_block_lengths: tuple[int, ...] = (32,)
     fuse_projections: bool = True
+    compile_elementwise: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # YAML and JSON give lists
+        for name in ("stop_token_ids", "capture_block_lengths"):  # YAML and JSON give lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if any(length < 1 for length in self.capture_block_lengths):
+            raise ValueError(f"EngineConfig.capture_block_lengths must be >= 1, got {self.capture_block_lengths}")
         for name in ("max_num_seqs", "max_tokens_per_step", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -100,6 +100,7 @@ class DLMEngine:
         self._max_length = min(self.config.max_tokens_per_step, model.config.max_position_embeddings,
                                self.config.max_model_len or model.config.max_position_embeddings)
         self.runner = ModelRunner(model, self.config.max_num_seqs, self._max_length, self.config.cuda_graphs)
+        self.runner.warm_up(self.config.capture_block_lengths)  # after the replica swapped its sparse layers
         self.step_listeners: list[Callable[[StepStats], None]] = []
         token_chars = longest_token_chars(tokenizer)
         self._max_prompt_chars = self._max_length * token_chars if token_chars else None

@@ -9,10 +9,16 @@ the same code eagerly):
   views of it, written in place by that pass, never concatenated or cropped. The
   scheduler hands each running sequence a slot; one more slot is scratch for rows
   that write nothing.
-- per shape (`PassShape`: rows, queries, context), the inputs of a pass (`StaticPass`):
-  token ids with real positions first (rows are right-padded), the query mask, each
-  row's slot and first position, and which cached positions it may attend (those
-  before its queries and, with the dual cache, after them).
+- per shape (`PassShape`: rows, queries, context, block width), the inputs of a pass
+  (`StaticPass`): token ids with real positions first (rows are right-padded), the query
+  mask, each row's slot and first position, which cached positions it may attend (those
+  before its queries and, with the dual cache, after them), and where its block starts:
+  the head computes the logits of the block's positions only, the ones a step reads.
+- the logits: one buffer per block width, shared by every kept pass of that width.
+
+Graphs of the dual-cache block passes (most of a request's steps) are captured when the
+replica starts (`warm_up`), for every row and context bucket of the block lengths
+configured; other shapes (full passes) are captured on first use.
 
 On a GPU with graphs, shapes are rounded up to buckets so that few graphs serve every
 batch; masks keep padded rows and positions out of every real row's result, which is
@@ -51,6 +57,7 @@ class PassShape:
     queries: int
     context: int  # cached positions each row may attend (0: no cache in this pass)
     write: bool  # some row keeps this pass's keys and values in its slot
+    block: int  # positions whose logits each row reads: its block (greedy steps) or its span (random ones)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -59,11 +66,14 @@ def round_up(value: int, multiple: int) -> int:
 
 def bucket(shape: PassShape, max_rows: int, max_length: int) -> PassShape:
     """The graph shape serving `shape`: rows to a power of two (at most `max_rows`), queries to a multiple
-    of 16 up to 64 and of 64 beyond, context to a multiple of 64 (each at most `max_length`)."""
+    of 16 up to 64 and of 64 beyond, the block to a multiple of 16, context to a multiple of 64 up to 512
+    and of an eighth of the next power of two beyond (at most 1/8 padding, few graphs); each at most
+    `max_length`."""
     rows = min(1 << (shape.rows - 1).bit_length(), max_rows)
     queries = min(round_up(shape.queries, 16 if shape.queries <= 64 else 64), max_length)
-    context = min(round_up(shape.context, 64), max_length)
-    return PassShape(rows, queries, context, shape.write)
+    context = min(round_up(shape.context, max(64, (1 << (shape.context - 1).bit_length()) // 8)), max_length) \
+        if shape.context else 0
+    return PassShape(rows, queries, context, shape.write, min(round_up(shape.block, 16), queries))
 
 
 class KVArena:
@@ -86,9 +96,10 @@ class StaticPass:
     """The input buffers of one pass shape and the pass over them; `capture()` records it as a CUDA graph."""
 
     def __init__(self, model: DiffusionLM, arena: KVArena | None, shape: PassShape, pad_id: int,
-                 kept: bool = False):
+                 outputs: LogitsBuffers | None = None):
         device = model.embed_weight.device
-        self.model, self.arena, self.shape, self.kept = model, arena, shape, kept
+        self.model, self.arena, self.shape, self.outputs = model, arena, shape, outputs
+        self.kept = outputs is not None
         self.scratch = scratch = arena.scratch if arena is not None else 0  # a pass without cache writes nothing
         self.ids = torch.full((shape.rows, shape.queries), pad_id, dtype=torch.long, device=device)
         self.query_mask = torch.zeros((shape.rows, shape.queries), dtype=torch.bool, device=device)
@@ -96,8 +107,9 @@ class StaticPass:
         self.write_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
         self.query_start = torch.zeros((shape.rows,), dtype=torch.long, device=device)
         self.context_mask = torch.zeros((shape.rows, shape.context), dtype=torch.bool, device=device)
+        self.logits_at = torch.zeros((shape.rows, shape.block), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None  # a kept pass's rows of the shared logits buffer
         self.padded = True  # a kept (bucketed) pass always applies the query mask; a one-off only when rows differ
 
     def fill(self, plans: list[PassPlan], slots: list[int]) -> None:
@@ -116,6 +128,8 @@ class StaticPass:
         self.read_slots[:rows].copy_(torch.tensor(slots))
         self.write_slots[:rows].copy_(torch.tensor([s if p.keep else scratch for s, p in zip(slots, plans)]))
         self.write_slots[rows:] = scratch
+        first = torch.tensor([plan.logits[0] - plan.offset for plan in plans])
+        self.logits_at[:rows].copy_((first[:, None] + torch.arange(shape.block)).clamp(max=shape.queries - 1))
         if shape.context:
             start = torch.tensor([p.offset for p in plans])
             stop = torch.tensor([p.offset + len(p.token_ids) for p in plans])
@@ -135,12 +149,17 @@ class StaticPass:
             prefix = KVCache(layers, self.context_mask)
         out = self.model(self.ids, attention_mask=self.query_mask if self.padded else None, prefix=prefix,
                          return_kv=self.shape.write,
-                         query_start=self.query_start if prefix is not None else None)
+                         query_start=self.query_start if prefix is not None else None, logits_at=self.logits_at)
         if self.shape.write:
             for arena, kv in zip(self.arena.layers, out.kv.layers):
                 arena.keys[self.write_slots, :, :self.shape.queries] = kv.keys
                 arena.values[self.write_slots, :, :self.shape.queries] = kv.values
-        return out.logits
+        if not self.kept:
+            return out.logits
+        if self.logits is None:  # the first, eager run (never inside a capture)
+            self.logits = self.outputs.get(out.logits)[:self.shape.rows]
+        self.logits.copy_(out.logits)
+        return self.logits
 
     def capture(self, pool) -> None:
         """Run once eagerly (kernel choices, plans, autotuning), then record the pass as a CUDA graph."""
@@ -151,13 +170,32 @@ class StaticPass:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self.forward()
+            self.forward()
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
             return self.forward()
         self.graph.replay()
         return self.logits
+
+
+class LogitsBuffers:
+    """One (slots, block width, vocab) logits buffer per block width, shared by the kept passes of that
+    width: a pass's logits are read before the next pass runs, so graphs need not each hold their own."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.shape[1:], like.dtype, like.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty((self.slots, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        return self.buffers[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers.values())
 
 
 class ModelRunner:
@@ -171,33 +209,75 @@ class ModelRunner:
         self.bucketed = self.cuda_graphs  # shapes rounded up to buckets whose passes are kept (tests set it on CPU)
         self.arena: KVArena | None = None  # made by the first pass that keeps a cache
         self.passes: dict[PassShape, StaticPass] = {}  # per bucket, when bucketed
+        self.outputs = LogitsBuffers(slots)
         self.capture_seconds = 0.0
+        self.warm_up_report: dict = {"passes": 0, "seconds": 0.0, "memory_bytes": 0}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def stats(self) -> dict:
-        """What the static path holds: graphs captured (and what capturing cost), the KV arena's bytes."""
+        """What the static path holds: graphs captured (and what capturing cost), the KV arena's and the
+        logits buffers' bytes, and what capturing at start took (`warm_up`)."""
         return {"cuda_graphs": self.cuda_graphs, "captured": len(self.passes) if self.cuda_graphs else 0,
                 "capture_seconds": round(self.capture_seconds, 3),
-                "kv_arena_bytes": self.arena.nbytes if self.arena is not None else 0}
+                "kv_arena_bytes": self.arena.nbytes if self.arena is not None else 0,
+                "logits_buffer_bytes": self.outputs.nbytes,
+                "captured_at_start": self.warm_up_report}
+
+    def block_pass_shapes(self, block_lengths: tuple[int, ...]) -> list[PassShape]:
+        """The buckets of every dual-cache block pass the engine can run for these block lengths: any number
+        of rows, a block (one position more for a shifted model) against a cache of any length it fits in."""
+        shift = int(self.model.shift_logits)
+
+        def bucketed(rows: int, context: int, block: int) -> PassShape:
+            return bucket(PassShape(rows, block + shift, context, False, block), self.slots, self.max_length)
+
+        shapes = {bucketed(rows, context, block)
+                  for block in block_lengths if block + shift <= self.max_length
+                  for rows in {bucketed(rows, 1, block).rows for rows in range(1, self.slots + 1)}
+                  for context in {bucketed(1, context, block).context
+                                  for context in range(block + 1, self.max_length + 1)}}
+        return sorted(shapes, key=lambda shape: (shape.block, shape.rows, shape.context))
+
+    def warm_up(self, block_lengths: tuple[int, ...]) -> dict:
+        """Capture the block passes' graphs now, at replica start, so that no request pays for one; reports
+        how many, the seconds and the device memory they took. Nothing to do without buckets (CPU)."""
+        if not self.bucketed or not block_lengths:
+            return self.warm_up_report
+        self._arena()
+        memory = torch.cuda.memory_reserved(self.device) if self.cuda_graphs else 0
+        started, before = time.perf_counter(), len(self.passes)
+        for shape in self.block_pass_shapes(block_lengths):
+            self._static_pass(shape)
+        memory = torch.cuda.memory_reserved(self.device) - memory if self.cuda_graphs else 0
+        self.warm_up_report = {"passes": len(self.passes) - before, "seconds": round(time.perf_counter() - started, 3),
+                               "memory_bytes": memory}
+        log.info("warm-up: %d passes of block lengths %s in %.1f s, %.1f MB", self.warm_up_report["passes"],
+                 block_lengths, self.warm_up_report["seconds"], memory / 2 ** 20)
+        return self.warm_up_report
+
+    def _arena(self) -> KVArena:
+        if self.arena is None:
+            self.arena = KVArena(self.model, self.slots, self.max_length)
+            log.info("KV arena: %d slots x %d positions, %.1f MB", self.slots, self.max_length,
+                     self.arena.nbytes / 2 ** 20)
+        return self.arena
 
     def _static_pass(self, shape: PassShape) -> StaticPass:
-        if shape.write or shape.context:
-            if self.arena is None:
-                self.arena = KVArena(self.model, self.slots, self.max_length)
-                log.info("KV arena: %d slots x %d positions, %.1f MB", self.slots, self.max_length,
-                         self.arena.nbytes / 2 ** 20)
+        arena = self._arena() if shape.write or shape.context else self.arena
         if not self.bucketed:
-            return StaticPass(self.model, self.arena, shape, self.pad_id)
+            return StaticPass(self.model, arena, shape, self.pad_id)
         shape = bucket(shape, self.slots, self.max_length)
         static = self.passes.get(shape)
         if static is None:
             started = time.perf_counter()
-            static = self.passes[shape] = StaticPass(self.model, self.arena, shape, self.pad_id, kept=True)
+            static = self.passes[shape] = StaticPass(self.model, arena, shape, self.pad_id, self.outputs)
             if self.cuda_graphs:
                 static.capture(self._pool)
                 self.capture_seconds += time.perf_counter() - started
                 log.info("captured a CUDA graph for %s in %.2f s (%d graphs)", shape,
                          time.perf_counter() - started, len(self.passes))
+            else:
+                static.forward()  # the eager run a capture starts with: the shape runs on stale buffers
         return static
 
     @torch.no_grad()
@@ -206,14 +286,15 @@ class ModelRunner:
         plans = [seq.plan() for seq in batch]
         longest = max(len(plan.token_ids) for plan in plans)
         context = max((plan.cache_length for plan in plans if plan.cached), default=0)
-        shape = PassShape(len(batch), longest, context, any(plan.keep for plan in plans))
+        block = max(plan.logits[1] - plan.logits[0] for plan in plans)
+        shape = PassShape(len(batch), longest, context, any(plan.keep for plan in plans), block)
         static = self._static_pass(shape)
         static.fill(plans, [seq.slot for seq in batch])
         logits = static.run()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
-        events = [seq.advance(plan, logits[row:row + 1, :len(plan.token_ids)], computed)
+        events = [seq.advance(plan, logits[row:row + 1, :plan.logits[1] - plan.logits[0]], computed)
                   for row, (seq, plan) in enumerate(zip(batch, plans))]
         cached = [plan for plan in plans if plan.cached]
         return StepResult(events, len(batch) * longest, len(cached) * context, len(cached), started,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sinkprune.dlm.decoding import llada_transfer_counts
+from sinkprune.dlm.decoding import draws_per_position, llada_transfer_counts
 from sinkprune.dlm.generate import DenoiseParams, block_done, denoise_step, prefix_cut
 from serve.engine.detokenizer import IncrementalText
 from serve.engine.requests import BLOCK, LENGTH, STOP, TOKENS, PreparedRequest, RequestOutput, \
@@ -29,6 +29,7 @@ class PassPlan:
     cached: bool  # attend to the slot's cached positions outside the span (before it; after it: dual cache)
     cache_length: int  # how many positions the slot holds (the sequence's length when they were computed)
     keep: bool  # after this pass, the slot holds this (full) pass's keys and values
+    logits: tuple[int, int]  # positions [from, to) of the sequence whose logits the step reads
 
 
 class Sequence:
@@ -90,18 +91,20 @@ class Sequence:
         return stop - cut
 
     def plan(self) -> PassPlan:
-        if self.cached:
-            cut, stop = self._span()
-            return PassPlan(self.x[0, cut:stop].tolist(), cut, True, self.length, False)
-        return PassPlan(self.x[0].tolist(), 0, False, 0, self.request.prefix_cache)
+        cut, stop = self._span() if self.cached else (0, self.length)
+        # greedy steps read only the block's logits; random ones draw over the pass's span, as the reference does
+        read = (cut, stop) if draws_per_position(self.params.remasking, self.params.temperature) \
+            else self._block_range()
+        return PassPlan(self.x[0, cut:stop].tolist(), cut, self.cached, self.length if self.cached else 0,
+                        not self.cached and self.request.prefix_cache, read)
 
     def advance(self, plan: PassPlan, logits: torch.Tensor, now: float) -> list[StreamEvent]:
-        """Apply one step from this pass's `logits` (1, positions of the plan, vocab); returns
+        """Apply one step from the `logits` (1, positions, vocab) of the plan's `logits` positions; returns
         the events it produced and sets `finish_reason` when done."""
         if plan.keep:
             self.cached = True
         start, end = self._block_range()
-        self.x = denoise_step(self.x, logits, plan.offset, start, end, self.schedule, self.step, self.params,
+        self.x = denoise_step(self.x, logits, plan.logits[0], start, end, self.schedule, self.step, self.params,
                               self.generator)
         self.step += 1
         self.forward_passes += 1

@@ -27,6 +27,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits64.exp() / gumbel).argmax(dim=-1)
 
 
+def draws_per_position(policy: str, temperature: float) -> bool:
+    """Whether a step draws random numbers for every position of its logits (Gumbel noise, `random`
+    confidences, `origin` coin flips): it then needs the logits of the same span as the reference loop,
+    to consume the same random stream; otherwise only the block's logits matter."""
+    return temperature > 0 or policy in ("random", "origin")
+
+
 def _rng_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
     return generator.device if generator is not None else like.device
 

@@ -119,16 +119,23 @@ class DiffusionLM(nn.Module):
     def embed_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def logits_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.head(hidden)
-        if not self.shift_logits:
-            return logits
-        shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        if attention_mask is None:
-            return shifted
-        # a left-padded row's first real token keeps its own logit, as it would alone
-        first = attention_mask.bool() & (attention_mask.long().cumsum(-1) == 1)
-        return torch.where(first[..., None], logits, shifted)
+    def logits_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every position, or only of `positions` (batch, n) long: the head then runs on
+        n positions per row instead of all of them (a sampler reads only its block's logits)."""
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            if not self.shift_logits:
+                return self.head(hidden)
+        source = positions
+        if self.shift_logits:
+            # position i is predicted from i - 1, except a row's first real position (position 0 with
+            # no mask), which keeps its own logit as it would alone: a left-padded row's first token
+            first = positions == 0 if attention_mask is None else \
+                (attention_mask.bool() & (attention_mask.long().cumsum(-1) == 1)).gather(1, positions)
+            source = torch.where(first, positions, (positions - 1).clamp(min=0))
+        picked = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.head(picked)
 
     def forward(
         self,
@@ -140,6 +147,7 @@ class DiffusionLM(nn.Module):
         return_kv: bool = False,
         suffix: KVCache | None = None,
         query_start: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
         makes a padded row give the same logits as that row alone. `causal=True`
@@ -153,6 +161,7 @@ class DiffusionLM(nn.Module):
         attended to but not recomputed. `return_kv` returns this pass's keys/values
         (to build such caches). `query_start` (batch,): where each row's queries start,
         when `prefix` also holds cached positions after them (see `make_attention_inputs`).
+        `logits_at` (batch, n) long: return the logits of these positions of the pass only.
         """
         inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal,
                                        None if prefix is None else prefix.mask,
@@ -168,7 +177,7 @@ class DiffusionLM(nn.Module):
             real = inputs.query_mask if inputs.query_mask is not None else \
                 torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
             kv = KVCache([slot.current for slot in slots], real)
-        return DLMOutput(self.logits_from_hidden(hidden, attention_mask), masses if output_attention_mass else None, kv)
+        return DLMOutput(self.logits_from_hidden(hidden, attention_mask, logits_at), masses if output_attention_mass else None, kv)
 
     def _kv_slots(self, prefix: KVCache | None, suffix: KVCache | None, keep: bool) -> list[KVSlot | None]:
         if prefix is None and suffix is None and not keep:
