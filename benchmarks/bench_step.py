@@ -11,7 +11,8 @@ with CUDA events after warm-up (median). It also checks each backend's logits
 against the dense ones and, on CUDA, the memory the swapped layers hold, and counts
 the kernels one eager step launches (on a CPU: the operators that compute). A
 backend named `X+fused` (or `fused`, for `nn.Linear`) runs with q/k/v and gate/up
-fused as a replica serves them (`sinkprune.dlm.fusion`).
+fused as a replica serves them (`sinkprune.dlm.fusion`); `+compiled` (or `compiled`) with
+the norm, rotary and SwiGLU chains compiled (`sinkprune.dlm.layers.compiled_elementwise`).
 
 `--model llada-8b` / `dream-7b` builds the public shapes with random weights (no
 checkpoint needed; `--layers N` keeps N blocks so a run fits the time or the GPU;
@@ -43,6 +44,7 @@ from sinkkernels.swap import swap_sparse_linears
 from sinkprune.calibration import prunable_linears
 from sinkprune.dlm import DLMConfig, build_model, load_model
 from sinkprune.dlm.fusion import fuse_projections
+from sinkprune.dlm.layers import compiled_elementwise
 from sinkprune.dlm.model import DiffusionLM
 from sinkprune.dlm.presets import PRESETS
 from sinkprune.masks import nm_mask
@@ -51,6 +53,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 AUTO = "auto"
 BASELINE = "baseline: nn.Linear"
 FUSED = "fused"  # alone: nn.Linear with q/k/v and gate/up fused; as a suffix (`auto+fused`): a backend after fusing
+COMPILED = "compiled"  # likewise, with the elementwise chains compiled
+MODIFIERS = (FUSED, COMPILED)
 
 
 @dataclass
@@ -146,14 +150,18 @@ def fused(model: DiffusionLM) -> Iterator[None]:
             setattr(module, name, linear)
 
 
-def split_label(label: str) -> tuple[str | None, bool]:
-    """(backend or None for nn.Linear, fused?) of a `--backends` entry: `triton`, `fused`, `auto+fused`."""
-    if label == FUSED:
-        return None, True
-    base, plus, suffix = label.partition("+")
-    if plus and suffix != FUSED:
-        raise ValueError(f"{label}: the only suffix is +{FUSED}")
-    return base, bool(plus)
+def split_label(label: str) -> tuple[str | None, frozenset[str]]:
+    """(backend or None for nn.Linear, modifiers) of a `--backends` entry such as `triton`, `fused`,
+    `auto+fused`, `fused+compiled`: a backend first if any, then modifiers among `MODIFIERS`."""
+    first, *rest = label.split("+")
+    base = None if first in MODIFIERS else first
+    modifiers = rest if base is not None else [first, *rest]
+    if base is not None and base not in BACKENDS + (AUTO,):
+        raise ValueError(f"{label}: unknown backend {base}; choose among {', '.join(BACKENDS + (AUTO,))}")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if unknown or len(set(modifiers)) != len(modifiers):
+        raise ValueError(f"{label}: modifiers are {' and '.join('+' + m for m in MODIFIERS)}, each at most once")
+    return base, frozenset(modifiers)
 
 
 def _tokens(config: DLMConfig, batch: int, seq: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -205,10 +213,11 @@ def run(model: DiffusionLM, backends: list[str], batches: list[int], seqs: list[
         reference = model(probe).logits
         time_shapes(BASELINE)
         for backend in backends:
-            base, fuse = split_label(backend)
+            base, modifiers = split_label(backend)
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             try:
-                with fused(model) if fuse else contextlib.nullcontext(), \
+                with fused(model) if FUSED in modifiers else contextlib.nullcontext(), \
+                        compiled_elementwise() if COMPILED in modifiers else contextlib.nullcontext(), \
                         swapped(model, base) if base is not None else contextlib.nullcontext():
                     held = torch.cuda.memory_allocated(device) - before if before is not None else None
                     checks.append(BackendCheck(backend, relative_error(model(probe).logits, reference), held))
@@ -284,9 +293,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
                         help=f"comma-separated among {', '.join(BACKENDS + (AUTO,))} (auto: the dispatch plan), "
-                             f"{FUSED} (nn.Linear, q/k/v and gate/up fused) and any backend with +{FUSED}; "
-                             f"default: every CUDA backend, auto, {FUSED} and auto+{FUSED} on CUDA, "
-                             f"dense and {FUSED} on CPU")
+                             f"{FUSED} (nn.Linear, q/k/v and gate/up fused), {COMPILED} (elementwise chains "
+                             f"compiled), and a backend with +{FUSED} and/or +{COMPILED}; default: every CUDA "
+                             f"backend, auto, {FUSED}, {FUSED}+{COMPILED}, auto+{FUSED} and auto+{FUSED}+{COMPILED} "
+                             f"on CUDA, dense and {FUSED} on CPU")
     parser.add_argument("--batch", type=_ints, default=None, help="default: 1,4,16 on CUDA, 1,2 on CPU")
     parser.add_argument("--seq", type=_ints, default=None, help="default: 32,256,1024 on CUDA, 16,64 on CPU")
     parser.add_argument("--block", type=int, default=None,
@@ -299,11 +309,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of speedup against M (default: next to --out)")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
-    known = BACKENDS + (AUTO,)
-    unknown = [b for b in args.backends or [] if b != FUSED and b.removesuffix("+" + FUSED) not in known]
-    if unknown:
-        parser.error(f"--backends: unknown {', '.join(unknown)}; choose among {', '.join(known)}, {FUSED}, "
-                     f"or one of them with +{FUSED}")
+    for label in args.backends or []:
+        try:
+            split_label(label)
+        except ValueError as error:
+            parser.error(f"--backends: {error}")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
     if args.block is not None and args.block < 0:
@@ -311,7 +321,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.backends = args.backends or (["triton", "cusparselt", "cutlass", AUTO, FUSED, f"{AUTO}+{FUSED}"] if cuda
+    args.backends = args.backends or (["triton", "cusparselt", "cutlass", AUTO, FUSED, f"{FUSED}+{COMPILED}",
+                                       f"{AUTO}+{FUSED}", f"{AUTO}+{FUSED}+{COMPILED}"] if cuda
                                       else ["dense", FUSED])
     args.batch = args.batch or ([1, 4, 16] if cuda else [1, 2])
     args.seq = args.seq or ([32, 256, 1024] if cuda else [16, 64])

@@ -59,11 +59,14 @@ def test_fusing_is_undone_and_a_fused_swap_stacks_the_packed_rows():
 
 
 def test_backend_labels():
-    assert split_label("triton") == ("triton", False)
-    assert split_label("fused") == (None, True)
-    assert split_label("auto+fused") == ("auto", True)
-    with pytest.raises(ValueError, match="only suffix"):
-        split_label("auto+fast")
+    assert split_label("triton") == ("triton", frozenset())
+    assert split_label("fused") == (None, {"fused"})
+    assert split_label("auto+fused") == ("auto", {"fused"})
+    assert split_label("fused+compiled") == (None, {"fused", "compiled"})
+    assert split_label("auto+fused+compiled") == ("auto", {"fused", "compiled"})
+    for bad in ("auto+fast", "fused+fused", "tritium+fused"):
+        with pytest.raises(ValueError, match="modifiers|unknown backend"):
+            split_label(bad)
 
 
 def test_preset_keeps_the_public_shapes_with_fewer_layers():
@@ -76,13 +79,14 @@ def test_preset_keeps_the_public_shapes_with_fewer_layers():
 @pytest.mark.slow
 def test_cpu_run_reports_every_backend(tmp_path):
     result = bench(tmp_path, "--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "12", "--block", "4",
-                   "--warmup", "1", "--reps", "1", "--backends", "dense,triton,cusparselt,auto,fused,triton+fused",
+                   "--warmup", "1", "--reps", "1", "--backends", "dense,triton,cusparselt,auto,fused,triton+fused,"
+                   "fused+compiled",
                    interpret=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "step.json").read_text())
     assert (tmp_path / "step.png").stat().st_size > 0
     assert report["sparse_layers"] == 7 and report["layers"] == 1
-    backends = [BASELINE, "dense", "triton", "cusparselt", "auto", "fused", "triton+fused"]
+    backends = [BASELINE, "dense", "triton", "cusparselt", "auto", "fused", "triton+fused", "fused+compiled"]
     assert [(r["backend"], r["block"]) for r in report["rows"]] == [(b, k) for b in backends for k in (None, 4)]
     checks = {c["backend"]: c for c in report["checks"]}
     assert checks["dense"]["max_rel_err"] == 0 and checks["auto"]["max_rel_err"] == 0
@@ -92,6 +96,8 @@ def test_cpu_run_reports_every_backend(tmp_path):
     launches = {(r["backend"], r["block"]): r["launches"] for r in report["rows"]}
     for block in (None, 4):  # fused: 3 linears fewer per block (q/k/v -> 1, gate/up -> 1)
         assert launches[("fused", block)] == launches[(BASELINE, block)] - 3
+        assert launches[("fused+compiled", block)] < launches[("fused", block)]  # one per elementwise chain
+    assert checks["fused+compiled"]["max_rel_err"] < 1e-5  # float32: the norm's sum in another order
     assert "CUDA" in checks["cusparselt"]["skipped"]
     assert all(r["ms"] > 0 for r in report["rows"] if r["skipped"] is None)
     assert "| triton | full | 1 | 12 | 12 |" in result.stdout and "| triton | dual cache, block 4 | 1 | 12 | 4 |" \
@@ -99,7 +105,8 @@ def test_cpu_run_reports_every_backend(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backends", "dense,fast"], "unknown fast"),
+    (["--backends", "dense,fast"], "unknown backend fast"),
+    (["--backends", "fused+fast"], "modifiers are +fused and +compiled"),
     (["--batch", "0"], "at least 1"),
     (["--seq", "8,x"], "comma-separated positive integers"),
     (["--layers", "0"], "--layers must be at least 1"),

@@ -6,26 +6,92 @@ attention, so the maths lives here once and each model file only wires its own
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS normalisation computed in float32, as both reference implementations do."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """The chains of small elementwise operators in every block: norm, rotary, SwiGLU's activation.
+
+    Eagerly each is several kernels (the norm alone six), which on a GPU cost more in launches
+    and round trips to memory than in arithmetic. `compiled_elementwise()` swaps in torch.compile'd
+    versions, one generated kernel per chain, with every intermediate rounded to the model's dtype
+    as eager code rounds it (inductor's `emulate_precision_casts`): the same outputs in bf16.
+    """
+
+    rms_norm: Callable = rms_norm
+    rotary_qk: Callable = rotary_qk
+    silu_mul: Callable = silu_mul
+
+
+EAGER = Elementwise()
+ops = EAGER  # what the blocks call; process-wide, as a serving process runs one kind of model
+
+
+def set_elementwise(chosen: Elementwise) -> Elementwise:
+    """Make `chosen` the blocks' operators; returns the previous ones."""
+    global ops
+    previous, ops = ops, chosen
+    return previous
+
+
+def compile_elementwise() -> Elementwise:
+    """The operators through torch.compile (dynamic shapes: one compilation per chain, not per shape)."""
+    options = {"emulate_precision_casts": True}
+    return replace(EAGER, **{f.name: torch.compile(getattr(EAGER, f.name), dynamic=True, fullgraph=True,
+                                                   options=options) for f in fields(Elementwise)})
+
+
+@contextlib.contextmanager
+def compiled_elementwise() -> Iterator[None]:
+    """Blocks run the compiled operators inside the `with`, the previous ones after."""
+    previous = set_elementwise(compile_elementwise())
+    try:
+        yield
+    finally:
+        set_elementwise(previous)
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
@@ -71,15 +137,6 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype
     freqs = position_ids.float()[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
 
 
 def make_attention_inputs(
@@ -166,8 +223,7 @@ def attention(
     q = q.view(batch, seq, num_heads, head_dim).transpose(1, 2)
     k = k.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     v = v.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    q = apply_rotary(q, inputs.cos, inputs.sin)
-    k = apply_rotary(k, inputs.cos, inputs.sin)
+    q, k = ops.rotary_qk(q, k, inputs.cos, inputs.sin)
     if kv is not None:
         if kv.keep:
             kv.current = LayerKV(k, v)
@@ -222,4 +278,4 @@ def project(x: torch.Tensor, fused: FusedLinear | None, owner: nn.Module, names:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, down_proj: nn.Module) -> torch.Tensor:
-    return down_proj(F.silu(gate) * up)
+    return down_proj(ops.silu_mul(gate, up))
