@@ -127,6 +127,15 @@ async def run_engine(model, tokenizer, requests: list[GenerationRequest], concur
 
 async def _engine_once(model, tokenizer, requests, concurrency, label, config: EngineConfig) -> Measured:
     engine = DLMEngine(model, tokenizer, config)
+    measured = await measure_engine(engine, requests, concurrency, label)
+    await engine.shutdown()
+    return measured
+
+
+async def measure_engine(engine: DLMEngine, requests: list[GenerationRequest], concurrency: int,
+                         label: str) -> Measured:
+    """`concurrency` closed-loop clients on a running `engine`, which stays up: rounds on one engine reuse
+    what its first round built (CUDA graphs), so a later round times serving alone."""
     steps: list[StepStats] = []
     engine.step_listeners.append(steps.append)
     outputs: dict[str, RequestOutput] = {}
@@ -139,7 +148,7 @@ async def _engine_once(model, tokenizer, requests, concurrency, label, config: E
     began, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
-    await engine.shutdown()
+    engine.step_listeners.remove(steps.append)
     ordered = [outputs[r.request_id] for r in requests]
     return Measured(label, concurrency, [o.token_ids for o in ordered], [o.latency_s for o in ordered],
                     [o.time_to_first_block_s for o in ordered], wall, cpu, len(steps),

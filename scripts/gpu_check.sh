@@ -5,13 +5,13 @@
 #
 #   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench step serving (default: all)
 #
-# Every stage is time-boxed (STAGE_SECONDS, default 240) so an overrun loses only that stage; BENCH_ARGS
+# Every stage is time-boxed (STAGE_SECONDS, default 240; serving 480) so an overrun loses only that stage; BENCH_ARGS
 # replaces the kernel benchmark's default arguments (for a shorter run), STEP_ARGS adds to the step benchmark's,
 # SERVING_ARGS to the serving benchmark's.
 #
 # PYTHON (default python3, which holds torch on the lent GPU machines) runs everything; it needs torch with
 # CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Budget on an H100:
-# run `env tests compile` in one call and `bench step` in another, each well inside 10 minutes.
+# run `env tests compile` in one call, `bench step` in another and `serving` in a third, each inside 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
@@ -48,7 +48,7 @@ for stage in "${stages[@]}"; do
         tests) run_stage tests env SINKSERVE_TRITON_AUTOTUNE=0 "$py" -m pytest -q -p no:cacheprovider \
                    tests/test_kernels_cuda.py tests/test_engine_cuda.py tests/test_kernels_triton.py \
                    tests/test_kernels_linear.py tests/test_kernels_swap.py tests/test_kernels_formats.py \
-                   tests/test_kernels_cusparselt.py tests/test_kernels_measure.py ;;
+                   tests/test_kernels_cusparselt.py tests/test_kernels_measure.py tests/test_elementwise.py ;;
         compile) run_stage compile "$py" -m benchmarks.compile_check --out "$out/compile_check.json" ;;
         bench) run_stage bench "$py" -m benchmarks.bench_kernels --out "$out/kernels_bench.json" \
                    --table "$out/dispatch_table.json" ${BENCH_ARGS:-} ;;
@@ -56,8 +56,9 @@ for stage in "${stages[@]}"; do
                   ${STEP_ARGS:-}
               run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" \
                   ${STEP_ARGS:-} ;;
-        serving) run_stage serving env SINKSERVE_TRITON_AUTOTUNE=0 "$py" -m benchmarks.bench_serving \
-                     --out "$out/serving.json" ${SERVING_ARGS:-} ;;
+        # serving: 12 configurations and 4 with threshold decoding, each warmed up, timed and profiled
+        serving) STAGE_SECONDS=${STAGE_SECONDS:-480} run_stage serving env SINKSERVE_TRITON_AUTOTUNE=0 "$py" \
+                     -m benchmarks.bench_serving --threshold 0.9 --out "$out/serving.json" ${SERVING_ARGS:-} ;;
     esac
 done
 exit $failed

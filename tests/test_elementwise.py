@@ -20,11 +20,13 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc
                                 reason="torch.compile on a CPU needs a C++ compiler")
 
 
-def test_compiled_operators_give_the_eager_bits_in_bfloat16():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compiled_operators_give_the_eager_bits_in_bfloat16(device):
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(torch.bfloat16)
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
 
     x, weight = randn(3, 7, 64), randn(64)
     q, k = randn(3, 7, 4, 16).transpose(1, 2), randn(3, 7, 2, 16).transpose(1, 2)  # strided, as attention has them

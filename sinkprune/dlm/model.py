@@ -124,9 +124,9 @@ class DiffusionLM(nn.Module):
         """Logits of every position, or only of `positions` (batch, n) long: the head then runs on
         n positions per row instead of all of them (a sampler reads only its block's logits)."""
         if positions is None:
-            positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
             if not self.shift_logits:
                 return self.head(hidden)
+            positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         source = positions
         if self.shift_logits:
             # position i is predicted from i - 1, except a row's first real position (position 0 with
