@@ -116,6 +116,34 @@ def test_engine_output_equals_generate_alone(model_type, temperature):
     assert any(0 < s.cached_rows < s.batch_size for s in steps)
 
 
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_greedy_rows_at_different_steps_step_as_one_batch(model_type, threshold, monkeypatch):
+    """Greedy rows of one kind (policy, threshold, block length) take one batched step whatever step each
+    is at, with its own schedule: each output still equals generate() alone."""
+    import serve.engine.sequence as sequence_module
+
+    calls: list[tuple[int, object]] = []
+    original = sequence_module.denoise_step
+
+    def recording(x, logits, offset, start, end, schedule, step, params, generator):
+        calls.append((x.shape[0], step))
+        return original(x, logits, offset, start, end, schedule, step, params, generator)
+
+    monkeypatch.setattr(sequence_module, "denoise_step", recording)
+    model = random_model(model_type)
+    rng = random.Random(11)
+    # 8 masks in 3 steps: LLaDA's schedule commits 3, 3, then 2, so a row given another's step would differ
+    requests = [GenerationRequest(prompt=[rng.randrange(2, 90) for _ in range(rng.randint(1, 10))], max_tokens=16,
+                                  steps=6, block_length=8,
+                                  threshold=threshold, dual_cache=i % 2 == 0, ignore_eos=True, seed=i,
+                                  request_id=f"g{i}") for i in range(6)]
+    engine = DLMEngine(model, None, EngineConfig(max_num_seqs=6, max_padding_ratio=16.0))
+    events, _ = asyncio.run(serve(engine, requests, [0, 1, 1, 2, 3, 5]))
+    for request, request_events in zip(requests, events):
+        assert final(request_events).token_ids == reference(model, request, request.seed), request
+    assert any(rows > 1 and isinstance(step, list) and len(set(step)) > 1 for rows, step in calls)
+
+
 def test_padding_ratio_one_still_gives_identical_outputs():
     """Strict bucketing (only equal lengths share a pass) changes the batches, not the outputs."""
     model = random_model("llada")

@@ -36,7 +36,7 @@ import torch
 from sinkprune.dlm.layers import LayerKV
 from sinkprune.dlm.model import DiffusionLM, KVCache
 from serve.engine.requests import StreamEvent
-from serve.engine.sequence import PassPlan, Sequence
+from serve.engine.sequence import PassPlan, Sequence, advance_batch
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
-        events = [seq.advance(plan, logits[row:row + 1, :plan.logits[1] - plan.logits[0]], computed)
-                  for row, (seq, plan) in enumerate(zip(batch, plans))]
+        events = advance_batch(batch, plans, logits, computed)
         cached = [plan for plan in plans if plan.cached]
         return StepResult(events, len(batch) * longest, len(cached) * context, len(cached), started,
                           time.perf_counter())

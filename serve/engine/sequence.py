@@ -6,9 +6,17 @@ the same `denoise_step`, its own seeded generator. What the engine adds is
 bookkeeping: its slot in the runner's KV arena and whether the slot holds the current
 block's prefix (and dual) cache, which committed tokens are new (for streaming), when
 the request is done (EOS, a stop token id, a stop string, or no mask left), and usage.
+
+A sequence keeps its tokens on the host: planning a pass and streaming what it committed
+read no device tensor. After a pass, `advance_batch` runs the step of every greedy row of
+the same kind (policy, threshold, block length) as one batched `denoise_step` over their
+blocks, with one copy back to the host, instead of a step and a synchronisation per row;
+rows that draw random numbers per position (temperature > 0, `random`, `origin`) step alone
+with their own generator, as `generate()` steps them.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +52,7 @@ class Sequence:
         self.params = DenoiseParams(request.remasking, request.temperature, request.threshold,
                                     request.steps // (request.max_tokens // request.block_length), mask_id)
         self.generator = torch.Generator(device=device).manual_seed(request.seed)
-        self.x = torch.tensor([request.prompt_ids + [mask_id] * request.max_tokens], dtype=torch.long, device=device)
+        self.tokens: list[int] = request.prompt_ids + [mask_id] * request.max_tokens  # on the host
         self.text = IncrementalText(tokenizer, request.stop)
         self.block = self.step = 0
         self.schedule = self._block_schedule()
@@ -63,7 +71,7 @@ class Sequence:
 
     @property
     def length(self) -> int:
-        return self.x.shape[1]
+        return len(self.tokens)
 
     @property
     def finished(self) -> bool:
@@ -75,7 +83,8 @@ class Sequence:
 
     def _block_schedule(self) -> torch.Tensor:
         start, end = self._block_range()
-        return llada_transfer_counts((self.x[:, start:end] == self.params.mask_id).sum(-1), self.params.steps_per_block)
+        masked = torch.tensor([self.tokens[start:end].count(self.params.mask_id)])
+        return llada_transfer_counts(masked, self.params.steps_per_block)
 
     def _span(self) -> tuple[int, int]:
         """What a cached pass computes: from the prefix cut to the block's end (dual cache) or the sequence's."""
@@ -95,22 +104,37 @@ class Sequence:
         # greedy steps read only the block's logits; random ones draw over the pass's span, as the reference does
         read = (cut, stop) if draws_per_position(self.params.remasking, self.params.temperature) \
             else self._block_range()
-        return PassPlan(self.x[0, cut:stop].tolist(), cut, self.cached, self.length if self.cached else 0,
+        return PassPlan(self.tokens[cut:stop], cut, self.cached, self.length if self.cached else 0,
                         not self.cached and self.request.prefix_cache, read)
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Rows with equal keys step together (`advance_batch`); None: this one steps alone."""
+        params = self.params
+        if draws_per_position(params.remasking, params.temperature):
+            return None
+        return params.remasking, params.threshold, params.steps_per_block, params.mask_id, self.request.block_length
 
     def advance(self, plan: PassPlan, logits: torch.Tensor, now: float) -> list[StreamEvent]:
         """Apply one step from the `logits` (1, positions, vocab) of the plan's `logits` positions; returns
         the events it produced and sets `finish_reason` when done."""
+        start, end = self._block_range()
+        x = torch.tensor([self.tokens], device=logits.device)
+        x = denoise_step(x, logits, plan.logits[0], start, end, self.schedule.to(logits.device), self.step,
+                         self.params, self.generator)
+        return self.stepped(plan, x[0, start:end].tolist(), now)
+
+    def stepped(self, plan: PassPlan, block: list[int], now: float) -> list[StreamEvent]:
+        """Take `block`, the current block's tokens after this step, and do the bookkeeping."""
         if plan.keep:
             self.cached = True
         start, end = self._block_range()
-        self.x = denoise_step(self.x, logits, plan.logits[0], start, end, self.schedule, self.step, self.params,
-                              self.generator)
+        self.tokens[start:end] = block
         self.step += 1
         self.forward_passes += 1
         self.computed_tokens += len(plan.token_ids)
         events = self._release(now)
-        if block_done(self.x, start, end, self.step, self.params):
+        if self._block_done():
             events.append(StreamEvent(BLOCK, self.request_id, now, block=self.block))
             if self.first_block_time is None:
                 self.first_block_time = now
@@ -119,11 +143,15 @@ class Sequence:
                 self.schedule = self._block_schedule()
         return events
 
+    def _block_done(self) -> bool:
+        start, end = self._block_range()
+        return block_done(torch.tensor([self.tokens[start:end]]), 0, end - start, self.step, self.params)
+
     def _release(self, now: float) -> list[StreamEvent]:
         """Stream what the contiguous committed prefix gained; finish on EOS, a stop
         string, or once no mask is left (committed tokens never change again)."""
         done = len(self.committed)
-        tail = self.x[0, self.prompt_length + done:].tolist()
+        tail = self.tokens[self.prompt_length + done:]
         new = tail[:tail.index(self.params.mask_id)] if self.params.mask_id in tail else tail
         ends = [i for i, token in enumerate(new) if token in self.end_ids]
         if ends:
@@ -153,3 +181,32 @@ class Sequence:
         return RequestOutput(self.request_id, list(self.committed), self.text.text, self.finish_reason, usage,
                              self.request.seed, self.arrival_time, self.scheduled_time, self.first_token_time,
                              self.first_block_time, now, self.error)
+
+
+def advance_batch(batch: list[Sequence], plans: list[PassPlan], logits: torch.Tensor, now: float
+                  ) -> list[list[StreamEvent]]:
+    """Every row's step from the pass's `logits` (rows, positions, vocab), in batch order: rows of one
+    `batch_key` as one `denoise_step` over their blocks (each at its own step, with its own schedule),
+    the others alone. Each row's tokens are what `Sequence.advance` would give it."""
+    events: list[list[StreamEvent]] = [[] for _ in batch]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for row, seq in enumerate(batch):
+        if seq.batch_key is None:
+            width = plans[row].logits[1] - plans[row].logits[0]
+            events[row] = seq.advance(plans[row], logits[row:row + 1, :width], now)
+        else:
+            groups[seq.batch_key].append(row)
+    for rows in groups.values():
+        members = [batch[row] for row in rows]
+        first, width = members[0], members[0].request.block_length
+        ranges = [seq._block_range() for seq in members]
+        blocks = torch.tensor([seq.tokens[start:end] for seq, (start, end) in zip(members, ranges)],
+                              device=logits.device)
+        picked = logits[rows[0]:rows[0] + 1] if len(rows) == 1 else \
+            logits.index_select(0, torch.tensor(rows, device=logits.device))
+        schedule = torch.cat([seq.schedule for seq in members]).to(logits.device)
+        stepped = denoise_step(blocks, picked[:, :width], 0, 0, width, schedule, [seq.step for seq in members],
+                               first.params, None).tolist()
+        for row, seq, block in zip(rows, members, stepped):
+            events[row] = seq.stepped(plans[row], block, now)
+    return events

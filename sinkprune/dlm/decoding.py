@@ -48,14 +48,20 @@ def llada_transfer_counts(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return counts
 
 
-def dream_transfer_count(num_masked: torch.Tensor, step: int, steps: int, eps: float = 1e-3) -> torch.Tensor:
+def dream_transfer_count(num_masked: torch.Tensor, step: int | list[int], steps: int, eps: float = 1e-3
+                         ) -> torch.Tensor:
     """Dream's schedule: with t, s consecutive points of linspace(1, eps, steps + 1),
-    unmask int(masked * (1 - s / t)) now, and everything left on the last step."""
-    if step == steps - 1:
+    unmask int(masked * (1 - s / t)) now, and everything left on the last step.
+    `step` is one for every row, or one per row (rows of a batch at different steps)."""
+    rows = [step] * num_masked.shape[0] if isinstance(step, int) else step
+    times = torch.linspace(1, eps, steps + 1).tolist()
+    last = [row == steps - 1 for row in rows]
+    if all(last):
         return num_masked.clone()
-    times = torch.linspace(1, eps, steps + 1)
-    t, s = times[step].item(), times[step + 1].item()
-    return (num_masked.double() * (1 - s / t)).long()
+    share = torch.tensor([0.0 if end else 1 - times[row + 1] / times[row] for row, end in zip(rows, last)],
+                         dtype=torch.float64, device=num_masked.device)
+    counts = (num_masked.double() * share).long()
+    return counts if not any(last) else torch.where(torch.tensor(last, device=num_masked.device), num_masked, counts)
 
 
 def _confidence(policy: str, logits: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -87,13 +87,14 @@ def denoise_step(
     start: int,
     end: int,
     schedule: torch.Tensor,
-    step: int,
+    step: int | list[int],
     params: DenoiseParams,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Step `step` of block [start, end) of `x`: returns `x` with the policy's commits.
     `logits` cover positions `offset` .. `offset + logits.shape[1]` of `x` (a cached pass
-    computes only those); `schedule` is the block's LLaDA schedule (see `llada_transfer_counts`)."""
+    computes only those); `schedule` is the block's LLaDA schedule (see `llada_transfer_counts`).
+    `step` may be one per row when the rows are blocks at different steps (the engine's batched step)."""
     span = logits.shape[1]
     view = x[:, offset:offset + span]
     candidates = view == params.mask_id
@@ -194,14 +195,21 @@ def prefix_cut(block_start: int, shift_logits: bool) -> int:
     return max(block_start - int(shift_logits), 0)
 
 
-def _step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int, steps: int):
+def _step_counts(remasking: str, schedule: torch.Tensor, candidates: torch.Tensor, step: int | list[int],
+                 steps: int):
     """How many to commit this step: LLaDA's precomputed even schedule, or Dream's
-    rule from the masks still left (and, for `origin`, the per-token probability)."""
+    rule from the masks still left (and, for `origin`, the per-token probability).
+    `step` is one for every row, or one per row (the engine batches rows at different steps;
+    `origin` draws random numbers and is never batched so)."""
     if remasking not in DREAM_POLICIES:
-        return schedule[:, min(step, steps - 1)], None
+        if isinstance(step, int):
+            return schedule[:, min(step, steps - 1)], None
+        columns = torch.tensor([min(row, steps - 1) for row in step], device=schedule.device)
+        return schedule.gather(1, columns[:, None]).squeeze(1), None
     remaining = candidates.sum(-1)
-    last = step >= steps - 1
     if remasking == "origin":
+        last = step >= steps - 1
         times = torch.linspace(1, 1e-3, steps + 1)
         return None, 1.0 if last else 1 - times[step + 1].item() / times[step].item()
-    return dream_transfer_count(remaining, min(step, steps - 1), steps), None
+    clamped = min(step, steps - 1) if isinstance(step, int) else [min(row, steps - 1) for row in step]
+    return dream_transfer_count(remaining, clamped, steps), None
