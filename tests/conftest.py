@@ -1,12 +1,16 @@
 """Shared fixtures: tiny LLaDA and Dream models with random but non-degenerate weights."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sinkprune.dlm import DLMConfig, build_model
+if not torch.cuda.is_available():  # Triton decides interpreted or compiled when first imported, which building a
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # model on meta or profiling may do: before any test module
+
+from sinkprune.dlm import DLMConfig, build_model  # noqa: E402
 
 VOCAB = 96
 MASK_ID = 95

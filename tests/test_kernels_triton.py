@@ -6,18 +6,14 @@ on a GPU the same tests run the native bf16 dot.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel module
-
-from sinkkernels import formats  # noqa: E402
-from sinkkernels.sparse24 import Sparse24Linear  # noqa: E402
-from sinkkernels.testing import random_24_weight  # noqa: E402
-from sinkkernels.triton_sparse24 import GPU_CONFIGS, Tiles, sparse24_matmul  # noqa: E402
+from sinkkernels import formats
+from sinkkernels.sparse24 import Sparse24Linear
+from sinkkernels.testing import random_24_weight
+from sinkkernels.triton_sparse24 import GPU_CONFIGS, Tiles, sparse24_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5}

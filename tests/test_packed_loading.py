@@ -4,27 +4,23 @@ artifact decompressed, then prepare it), and a layer a sparse backend serves nev
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from serve.engine.config import EngineConfig
+from serve.engine.prepare import prepare_for_serving
+from sinkkernels import formats, sparse24
+from sinkkernels.sparse24 import Packed24Linear, Sparse24Linear
+from sinkprune.artifact import write_artifact
+from sinkprune.dlm.artifact_io import MANIFEST, sha256_file
+from sinkprune.dlm.errors import ArtifactError
+from sinkprune.dlm.loading import load_model
+from tests.test_artifact import _pruned
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton backend runs
-if DEVICE == "cpu":  # before anything imports triton (building a model on meta does, through dynamo): its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels are made interpreted or not when it is imported
-
-from serve.engine.config import EngineConfig  # noqa: E402
-from serve.engine.prepare import prepare_for_serving  # noqa: E402
-from sinkkernels import formats, sparse24  # noqa: E402
-from sinkkernels.sparse24 import Packed24Linear, Sparse24Linear  # noqa: E402
-from sinkprune.artifact import write_artifact  # noqa: E402
-from sinkprune.dlm.artifact_io import MANIFEST, sha256_file  # noqa: E402
-from sinkprune.dlm.errors import ArtifactError  # noqa: E402
-from sinkprune.dlm.loading import load_model  # noqa: E402
-from tests.test_artifact import _pruned  # noqa: E402
-
 CONFIG = EngineConfig(max_num_seqs=2, max_tokens_per_step=64)
 IDS = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
 
