@@ -3,7 +3,8 @@
 A DLM step is a full bidirectional forward over batch x seq tokens, so every
 linear layer sees M = batch * seq rows; with the engine's dual cache, a block's
 later steps compute only the block (M = batch * block: the memory-bound regime),
-attending to cached keys before and after it. Both kinds of step are timed. This
+attending to cached keys before and after it, through the engine's own runner and KV
+arena (eager). Both kinds of step are timed. This
 measures what the A/B cost claim rests on: the same 2:4 weights (magnitude-pruned, every linear of the blocks) run as dense
 `F.linear` (what the dense replica pays per step) and through each sparse backend
 (`Sparse24Linear`, swapped in as the pruned replica does), per (batch, seq), timed
@@ -38,6 +39,8 @@ import torch
 from torch import nn
 
 from benchmarks.bench_kernels import relative_error
+from serve.engine.model_runner import ModelRunner
+from serve.engine.sequence import PassPlan
 from sinkkernels.timing import count_launches, time_cpu, time_cuda
 from sinkkernels.dispatch import BACKENDS, BackendUnavailable
 from sinkkernels.swap import swap_sparse_linears
@@ -173,14 +176,16 @@ def _tokens(config: DLMConfig, batch: int, seq: int, device: torch.device, seed:
 
 
 def _step(model: DiffusionLM, ids: torch.Tensor, block: int | None):
-    """The pass to time: the full sequence, or a middle block against caches of the rest (the engine's dual cache)."""
+    """The pass to time: the full sequence, or a middle block against the caches of the rest, the engine's
+    dual-cache pass through its KV arena (eager: the engine's runner without CUDA graphs)."""
     if block is None:
         return lambda: model(ids)
-    cut, seq = (ids.shape[1] - block) // 2, ids.shape[1]
-    kv = model(ids, return_kv=True).kv
-    prefix, suffix = kv.crop(slice(None), 0, cut), kv.crop(slice(None), cut + block, seq)
-    span = ids[:, cut:cut + block]
-    return lambda: model(span, prefix=prefix, suffix=suffix)
+    rows, seq = ids.shape
+    cut, tokens, slots = (seq - block) // 2, ids.tolist(), list(range(rows))
+    runner = ModelRunner(model, rows, seq, cuda_graphs=False)
+    runner.prepare([PassPlan(row, 0, False, 0, True, (0, seq)) for row in tokens], slots).run()  # the caches
+    return runner.prepare([PassPlan(row[cut:cut + block], cut, True, seq, False, (cut, cut + block))
+                           for row in tokens], slots).run
 
 
 def run(model: DiffusionLM, backends: list[str], batches: list[int], seqs: list[int],

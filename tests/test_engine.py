@@ -409,11 +409,11 @@ def test_a_failing_pass_fails_its_requests_not_the_engine():
     original = engine.runner.step
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, moves=()):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("out of memory")
-        return original(batch)
+        return original(batch, moves)
 
     engine.runner.step = flaky
 

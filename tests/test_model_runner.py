@@ -10,11 +10,13 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from serve.engine.config import EngineConfig
 from serve.engine.engine import DLMEngine
 from serve.engine.model_runner import PassShape, bucket
 from serve.engine.requests import GenerationRequest
+from sinkprune.dlm.layers import ArenaPass, LayerKV
 from tests.conftest import random_model
 from tests.test_engine import final, random_requests, reference, serve
 
@@ -59,11 +61,11 @@ def test_slots_are_reused_and_never_shared_by_running_sequences():
     seen: list[set[int]] = []
     original = engine.runner.step
 
-    def recording(batch):
+    def recording(batch, moves=()):
         slots = [seq.slot for seq in engine.scheduler.running]
-        assert None not in slots and len(set(slots)) == len(slots)
+        assert sorted(slots) == list(range(len(slots)))  # packed: never shared, never a hole
         seen.append(set(slots))
-        return original(batch)
+        return original(batch, moves)
 
     engine.runner.step = recording
     events, _ = asyncio.run(serve(engine, requests, [0] * len(requests)))
@@ -109,3 +111,57 @@ def test_block_pass_shapes_stay_few_for_long_contexts():
     shapes = engine.runner.block_pass_shapes((32,))
     assert {s.rows for s in shapes} == {1, 2, 4, 8, 16, 32}
     assert len(shapes) == 6 * 24  # 8 contexts up to 512, then 4 per doubling up to 8192
+
+
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_moved_and_gathered_caches_keep_every_output_exact(model_type):
+    """Requests of different lengths leave in any order: the sequence in the highest slot moves into the freed
+    one with its cached positions (copied before the next pass), and batches that leave a running row out
+    gather their slots instead of viewing them; every output still equals generate() alone."""
+    model = random_model(model_type)
+    rng = random.Random(17)
+    requests = [GenerationRequest(prompt=[rng.randrange(2, 90) for _ in range(rng.randint(1, 20))],
+                                  max_tokens=rng.choice([8, 16, 24]), steps=24, block_length=8,
+                                  dual_cache=i % 3 != 2, prefix_cache=i % 3 == 2, ignore_eos=True, seed=i,
+                                  request_id=f"m{i}") for i in range(9)]
+    for request in requests:
+        request.steps = request.max_tokens
+    engine = DLMEngine(model, None, EngineConfig(max_num_seqs=3, max_padding_ratio=2.0))
+    runner = engine.runner
+    moves, shapes = [], []
+    original_move, original_pass = runner.move, runner._static_pass
+
+    def recording_move(batch_moves):
+        moves.extend(batch_moves)
+        return original_move(batch_moves)
+
+    def recording_pass(shape):
+        shapes.append(shape)
+        return original_pass(shape)
+
+    runner.move, runner._static_pass = recording_move, recording_pass
+    events, _ = asyncio.run(serve(engine, requests, [0, 0, 0, 1, 3, 3, 6, 8, 8]))
+    for request, request_events in zip(requests, events):
+        assert final(request_events).token_ids == reference(model, request, request.seed), request
+    assert any(move.length for move in moves)  # a cache really moved between slots
+    assert any(shape.gather for shape in shapes) and any(shape.context and not shape.gather for shape in shapes)
+
+
+def test_an_arena_pass_writes_in_place_and_reads_views():
+    """Each query's keys land at its (slot, position), padded ones in scratch; rows read their slots'
+    positions in order, as views of the arena (no copy) unless the slots must be gathered."""
+    layer = LayerKV(torch.zeros(3, 1, 6, 2), torch.zeros(3, 1, 6, 2))  # slots 0, 1 and scratch 2
+    keys = torch.arange(1.0, 9.0).view(2, 1, 2, 2)  # (rows, kv_heads, queries, head_dim)
+    write_slots = torch.tensor([[0, 0], [1, 2]])  # row 1's second query is padding
+    write_positions = torch.tensor([[3, 4], [0, 1]])
+    access = ArenaPass([layer], write_slots, write_positions, torch.tensor([3, 0]), length=5)
+    read_keys, read_values = access.exchange(layer, keys, -keys)
+    assert torch.equal(layer.keys[0, 0, 3:5], keys[0, 0]) and torch.equal(layer.values[0, 0, 3:5], -keys[0, 0])
+    assert torch.equal(layer.keys[1, 0, 0], keys[1, 0, 0]) and not layer.keys[1, 0, 1:].any()
+    assert torch.equal(layer.keys[2, 0, 1], keys[1, 0, 1])  # the padded query went to scratch
+    assert read_keys.shape == (2, 1, 5, 2) and read_keys.data_ptr() == layer.keys.data_ptr()
+    assert torch.equal(read_keys, layer.keys[:2, :, :5])
+    gathered = ArenaPass([layer], write_slots, write_positions, torch.tensor([3, 0]), length=5,
+                         read_slots=torch.tensor([1, 0]))
+    read_keys, _ = gathered.exchange(layer, keys, -keys)
+    assert torch.equal(read_keys[0], layer.keys[1, :, :5]) and torch.equal(read_keys[1], layer.keys[0, :, :5])

@@ -232,7 +232,8 @@ class DLMEngine:
                 await self._wakeup.wait()
                 continue
             try:
-                result = await loop.run_in_executor(self._executor, self.runner.step, batch)
+                result = await loop.run_in_executor(self._executor, self.runner.step, batch,
+                                                    self.scheduler.take_moves())
             except Exception as err:  # a failed pass fails its requests, not the engine
                 for seq in batch:
                     self._finish(seq, ERROR, f"{type(err).__name__}: {err}")

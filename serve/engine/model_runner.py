@@ -4,16 +4,19 @@ The runner owns every tensor a pass touches, so that a pass has fixed shapes and
 addresses and, on a GPU, is captured once as a CUDA graph and replayed (the CPU runs
 the same code eagerly):
 
-- the KV arena (`KVArena`): per layer, keys and values of every slot's positions as
-  its block's last full pass computed them. Fast-dLLM's prefix and dual caches are
-  views of it, written in place by that pass, never concatenated or cropped. The
-  scheduler hands each running sequence a slot; one more slot is scratch for rows
-  that write nothing.
-- per shape (`PassShape`: rows, queries, context, block width), the inputs of a pass
-  (`StaticPass`): token ids with real positions first (rows are right-padded), the query
-  mask, each row's slot and first position, which cached positions it may attend (those
-  before its queries and, with the dual cache, after them), and where its block starts:
-  the head computes the logits of the block's positions only, the ones a step reads.
+- the KV arena (`KVArena`): per layer, keys and values of every slot's positions.
+  Every pass writes its queries' keys and values into their slots in place (a block's
+  first, full pass all of them; its later passes their span, as Fast-dLLM's DualCache
+  overwrites the block), then each row attends its slot's positions in order: Fast-dLLM's
+  prefix and dual caches are the arena itself, never concatenated, cropped or copied.
+  The scheduler keeps the running sequences in slots 0 .. n-1, so a pass over all of
+  them reads one view of the arena; a pass over some of them gathers their slots. One
+  more slot is scratch for padded queries.
+- per shape (`PassShape`: rows, queries, context, block width, gathered or not), the
+  inputs of a pass (`StaticPass`): token ids with real positions first (rows are
+  right-padded), the query mask, where each query's keys go (`ArenaPass`), each row's
+  first position, which arena positions it attends (its sequence's), and where its block
+  starts: the head computes the logits of the block's positions only, the ones a step reads.
 - the logits: one buffer per block width, shared by every kept pass of that width.
 
 Graphs of the dual-cache block passes (most of a request's steps) are captured when the
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sinkprune.dlm.layers import LayerKV
-from sinkprune.dlm.model import DiffusionLM, KVCache
+from sinkprune.dlm.layers import ArenaPass, LayerKV
+from sinkprune.dlm.model import DiffusionLM
 from serve.engine.requests import StreamEvent
+from serve.engine.scheduler import SlotMove
 from serve.engine.sequence import PassPlan, Sequence, advance_batch
 
 log = logging.getLogger(__name__)
@@ -55,9 +59,10 @@ class StepResult:
 class PassShape:
     rows: int
     queries: int
-    context: int  # cached positions each row may attend (0: no cache in this pass)
+    context: int  # arena positions each row may attend, from 0 (0: no cache in this pass, rows attend their own)
     write: bool  # some row keeps this pass's keys and values in its slot
     block: int  # positions whose logits each row reads: its block (greedy steps) or its span (random ones)
+    gather: bool = False  # the rows' slots are not 0..rows-1: the pass gathers them (a copy) instead of a view
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -73,7 +78,7 @@ def bucket(shape: PassShape, max_rows: int, max_length: int) -> PassShape:
     queries = min(round_up(shape.queries, 16 if shape.queries <= 64 else 64), max_length)
     context = min(round_up(shape.context, max(64, (1 << (shape.context - 1).bit_length()) // 8)), max_length) \
         if shape.context else 0
-    return PassShape(rows, queries, context, shape.write, min(round_up(shape.block, 16), queries))
+    return PassShape(rows, queries, context, shape.write, min(round_up(shape.block, 16), queries), shape.gather)
 
 
 class KVArena:
@@ -98,22 +103,31 @@ class StaticPass:
     def __init__(self, model: DiffusionLM, arena: KVArena | None, shape: PassShape, pad_id: int,
                  outputs: LogitsBuffers | None = None):
         device = model.embed_weight.device
-        self.model, self.arena, self.shape, self.outputs = model, arena, shape, outputs
+        self.model, self.shape, self.outputs = model, shape, outputs
         self.kept = outputs is not None
-        self.scratch = scratch = arena.scratch if arena is not None else 0  # a pass without cache writes nothing
+        self.scratch = arena.scratch if arena is not None else 0
         self.ids = torch.full((shape.rows, shape.queries), pad_id, dtype=torch.long, device=device)
         self.query_mask = torch.zeros((shape.rows, shape.queries), dtype=torch.bool, device=device)
-        self.read_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
-        self.write_slots = torch.full((shape.rows,), scratch, dtype=torch.long, device=device)
-        self.query_start = torch.zeros((shape.rows,), dtype=torch.long, device=device)
-        self.context_mask = torch.zeros((shape.rows, shape.context), dtype=torch.bool, device=device)
         self.logits_at = torch.zeros((shape.rows, shape.block), dtype=torch.long, device=device)
+        self.access: ArenaPass | None = None  # passes that neither read nor keep a cache skip the arena
+        if arena is not None and (shape.write or shape.context):
+            self.access = ArenaPass(
+                arena.layers,
+                write_slots=torch.full((shape.rows, shape.queries), self.scratch, dtype=torch.long, device=device),
+                write_positions=torch.arange(shape.queries, device=device).repeat(shape.rows, 1),
+                query_start=torch.zeros((shape.rows,), dtype=torch.long, device=device),
+                length=shape.context,
+                key_mask=torch.zeros((shape.rows, shape.context), dtype=torch.bool, device=device)
+                if shape.context else None,
+                read_slots=torch.full((shape.rows,), self.scratch, dtype=torch.long, device=device)
+                if shape.gather else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # a kept pass's rows of the shared logits buffer
         self.padded = True  # a kept (bucketed) pass always applies the query mask; a one-off only when rows differ
 
     def fill(self, plans: list[PassPlan], slots: list[int]) -> None:
-        """Copy this batch's inputs into the buffers (rows beyond the batch keep stale, harmless values)."""
+        """Copy this batch's inputs into the buffers (rows beyond the batch keep stale, harmless values and
+        write into the scratch slot)."""
         shape, rows = self.shape, len(plans)
         ids = torch.zeros((rows, shape.queries), dtype=torch.long)
         real = torch.zeros((rows, shape.queries), dtype=torch.bool)
@@ -124,36 +138,29 @@ class StaticPass:
         self.ids[:rows].copy_(ids)
         self.query_mask[:rows].copy_(real)
         self.query_mask[rows:] = False
-        scratch = self.arena.scratch if self.arena is not None else 0
-        self.read_slots[:rows].copy_(torch.tensor(slots))
-        self.write_slots[:rows].copy_(torch.tensor([s if p.keep else scratch for s, p in zip(slots, plans)]))
-        self.write_slots[rows:] = scratch
         first = torch.tensor([plan.logits[0] - plan.offset for plan in plans])
         self.logits_at[:rows].copy_((first[:, None] + torch.arange(shape.block)).clamp(max=shape.queries - 1))
+        access = self.access
+        if access is None:
+            return
+        start = torch.tensor([p.offset for p in plans])
+        positions = start[:, None] + torch.arange(shape.queries)
+        access.write_slots[:rows].copy_(torch.where(real, torch.tensor(slots)[:, None], self.scratch))
+        access.write_slots[rows:] = self.scratch
+        access.write_positions[:rows].copy_(torch.where(real, positions, torch.arange(shape.queries)))
+        access.query_start[:rows].copy_(start)
         if shape.context:
-            start = torch.tensor([p.offset for p in plans])
-            stop = torch.tensor([p.offset + len(p.token_ids) for p in plans])
-            valid = torch.tensor([p.cache_length if p.cached else 0 for p in plans])
-            position = torch.arange(shape.context)[None, :]
-            attend = (position < valid[:, None]) & ((position < start[:, None]) | (position >= stop[:, None]))
-            self.query_start[:rows].copy_(start)
-            self.context_mask[:rows].copy_(attend)
-            self.context_mask[rows:] = False
+            # every row attends its sequence's positions: cached ones and those this pass writes
+            reach = torch.tensor([max(p.cache_length, p.offset + len(p.token_ids)) for p in plans])
+            access.key_mask[:rows].copy_(torch.arange(shape.context)[None, :] < reach[:, None])
+            access.key_mask[rows:] = False
+        if access.read_slots is not None:
+            access.read_slots[:rows].copy_(torch.tensor(slots))
 
     def forward(self) -> torch.Tensor:
-        """The pass: gather each row's context from the arena, run the model, keep what the rows asked for."""
-        prefix = None
-        if self.shape.context:
-            layers = [LayerKV(kv.keys[self.read_slots, :, :self.shape.context],
-                              kv.values[self.read_slots, :, :self.shape.context]) for kv in self.arena.layers]
-            prefix = KVCache(layers, self.context_mask)
-        out = self.model(self.ids, attention_mask=self.query_mask if self.padded else None, prefix=prefix,
-                         return_kv=self.shape.write,
-                         query_start=self.query_start if prefix is not None else None, logits_at=self.logits_at)
-        if self.shape.write:
-            for arena, kv in zip(self.arena.layers, out.kv.layers):
-                arena.keys[self.write_slots, :, :self.shape.queries] = kv.keys
-                arena.values[self.write_slots, :, :self.shape.queries] = kv.values
+        """The pass: run the model (through the arena, if it reads or keeps a cache), keep the logits."""
+        out = self.model(self.ids, attention_mask=self.query_mask if self.padded else None, arena=self.access,
+                         logits_at=self.logits_at)
         if not self.kept:
             return out.logits
         if self.logits is None:  # the first, eager run (never inside a capture)
@@ -281,20 +288,44 @@ class ModelRunner:
         return static
 
     @torch.no_grad()
-    def step(self, batch: list[Sequence]) -> StepResult:
+    def step(self, batch: list[Sequence], moves: list[SlotMove] = ()) -> StepResult:
+        """Apply the scheduler's slot moves, then run one pass for `batch` and each row's step; the events
+        come back in the batch's order."""
         started = time.perf_counter()
-        plans = [seq.plan() for seq in batch]
-        longest = max(len(plan.token_ids) for plan in plans)
-        context = max((plan.cache_length for plan in plans if plan.cached), default=0)
-        block = max(plan.logits[1] - plan.logits[0] for plan in plans)
-        shape = PassShape(len(batch), longest, context, any(plan.keep for plan in plans), block)
-        static = self._static_pass(shape)
-        static.fill(plans, [seq.slot for seq in batch])
+        self.move(moves)
+        order = sorted(range(len(batch)), key=lambda row: batch[row].slot)  # row i reads slot i where it can
+        rows = [batch[row] for row in order]
+        plans = [seq.plan() for seq in rows]
+        static = self.prepare(plans, [seq.slot for seq in rows])
         logits = static.run()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
-        events = advance_batch(batch, plans, logits, computed)
-        cached = [plan for plan in plans if plan.cached]
-        return StepResult(events, len(batch) * longest, len(cached) * context, len(cached), started,
-                          time.perf_counter())
+        stepped = advance_batch(rows, plans, logits, computed)
+        events: list[list[StreamEvent]] = [[] for _ in batch]
+        for row, row_events in zip(order, stepped):
+            events[row] = row_events
+        shape = static.shape
+        cached = sum(plan.cached for plan in plans)
+        return StepResult(events, len(batch) * max(len(plan.token_ids) for plan in plans), cached * shape.context,
+                          cached, started, time.perf_counter())
+
+    def prepare(self, plans: list[PassPlan], slots: list[int]) -> StaticPass:
+        """The pass for these rows (plans and their slots), its buffers filled, ready to `run()`."""
+        longest = max(len(plan.token_ids) for plan in plans)
+        context = max(max(plan.cache_length, plan.offset + len(plan.token_ids)) for plan in plans) \
+            if any(plan.cached for plan in plans) else 0
+        block = max(plan.logits[1] - plan.logits[0] for plan in plans)
+        gather = bool(context) and slots != list(range(len(slots)))
+        static = self._static_pass(PassShape(len(plans), longest, context, any(plan.keep for plan in plans),
+                                             block, gather))
+        static.fill(plans, slots)
+        return static
+
+    def move(self, moves: list[SlotMove]) -> None:
+        """Copy each moved sequence's cached positions to its new slot, in the order the scheduler moved them."""
+        for move in moves:
+            if move.length:
+                for kv in self._arena().layers:
+                    kv.keys[move.target, :, :move.length] = kv.keys[move.source, :, :move.length]
+                    kv.values[move.target, :, :move.length] = kv.values[move.source, :, :move.length]

@@ -8,11 +8,17 @@ is never overtaken, so long requests cannot starve. Every iteration then picks
 one batch from the running sequences, least recently served first, adding rows
 while the batch stays within `max_num_seqs`, `max_tokens_per_step` (rows x
 longest row) and `max_padding_ratio`; a row left out goes first next time.
+
+Slots stay packed: the running sequences hold slots 0 .. n-1, so that a pass over all of
+them reads its rows' caches as one view of the arena (no gather). When a sequence leaves,
+the one in the highest slot moves into the freed one; the runner copies its cached
+positions before the next pass (`SlotMove`, `take_moves`).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 from serve.engine.config import EngineConfig
 from serve.engine.requests import EngineOverloaded
@@ -22,12 +28,23 @@ RETRY_AFTER_BOUNDS = (1, 60)
 SERVICE_EMA_WEIGHT = 0.2
 
 
+@dataclass(frozen=True)
+class SlotMove:
+    """A running sequence moved from slot `source` to slot `target`; the runner copies its first `length`
+    cached positions (0: it holds no cache yet, nothing to copy)."""
+
+    source: int
+    target: int
+    length: int
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # the runner's KV arena rows
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # the runner's KV arena rows, lowest last
+        self.moves: list[SlotMove] = []  # since the last pass, in order
         self.iteration = 0
         self._service_s: float | None = None  # moving average of scheduled-to-finished time
 
@@ -48,17 +65,28 @@ class Scheduler:
         return int(min(max(math.ceil(wait), RETRY_AFTER_BOUNDS[0]), RETRY_AFTER_BOUNDS[1]))
 
     def remove(self, seq: Sequence, now: float) -> None:
-        """Take a finished (or cancelled) sequence out, freeing its slot."""
+        """Take a finished (or cancelled) sequence out, freeing its slot (or, to keep slots packed, the slot
+        of the sequence that moves into it)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
             return
         self.running.remove(seq)
-        self.free_slots.append(seq.slot)
-        seq.slot = None
+        freed, seq.slot = seq.slot, None
+        last = max(self.running, key=lambda s: s.slot, default=None)
+        if last is not None and last.slot > freed:
+            self.moves.append(SlotMove(last.slot, freed, last.length if last.cached else 0))
+            last.slot, freed = freed, last.slot
+        self.free_slots.append(freed)
+        self.free_slots.sort(reverse=True)
         if seq.scheduled_time is not None:
             service = now - seq.scheduled_time
             self._service_s = service if self._service_s is None else \
                 (1 - SERVICE_EMA_WEIGHT) * self._service_s + SERVICE_EMA_WEIGHT * service
+
+    def take_moves(self) -> list[SlotMove]:
+        """The slot moves the runner must apply before the next pass (and forget)."""
+        moves, self.moves = self.moves, []
+        return moves
 
     def schedule(self, now: float) -> list[Sequence]:
         """Admit what fits, then return this iteration's batch (empty: nothing to do)."""

@@ -108,6 +108,7 @@ class AttentionInputs:
     key_mask: torch.Tensor | None
     query_mask: torch.Tensor | None
     want_mass: bool = False
+    arena: ArenaPass | None = None
 
 
 @dataclass
@@ -129,6 +130,42 @@ class KVSlot:
     keep: bool = False
     current: LayerKV | None = None
     future: LayerKV | None = None
+    arena: LayerKV | None = None  # this layer's part of the engine's KV arena (see `ArenaPass`)
+
+
+@dataclass
+class ArenaPass:
+    """One pass through the serving engine's KV arena (`serve.engine.model_runner.KVArena`), the same for
+    every layer: per layer (slots, kv_heads, positions, head_dim) keys and values, one slot per sequence.
+
+    Every layer writes its queries' keys and values into the arena in place, at (`write_slots`,
+    `write_positions`) (padded queries into a scratch slot): a block pass overwrites its block's cached
+    positions, as Fast-dLLM's DualCache does, and nothing is concatenated. With `length`, each row then
+    attends positions [0, length) of its slot where `key_mask` (batch, length) allows, in the order of
+    the positions (the order of generate()'s prefix + pass + suffix); row i reads slot i (a view, no
+    copy) unless `read_slots` (batch,) names the slots. Without `length` (full passes) each row attends
+    its own keys. `query_start` (batch,): the position of each row's first query (rotary phases).
+    """
+
+    layers: list[LayerKV]
+    write_slots: torch.Tensor  # (batch, queries) long
+    write_positions: torch.Tensor  # (batch, queries) long
+    query_start: torch.Tensor
+    length: int = 0
+    key_mask: torch.Tensor | None = None
+    read_slots: torch.Tensor | None = None
+
+    def exchange(self, arena: LayerKV, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's keys and values (batch, kv_heads, queries, head_dim) into one layer's arena;
+        returns what the rows attend to."""
+        arena.keys[self.write_slots, :, self.write_positions] = k.transpose(1, 2)
+        arena.values[self.write_slots, :, self.write_positions] = v.transpose(1, 2)
+        if not self.length:
+            return k, v
+        if self.read_slots is None:
+            rows = slice(0, k.shape[0])
+            return arena.keys[rows, :, :self.length], arena.values[rows, :, :self.length]
+        return arena.keys[self.read_slots, :, :self.length], arena.values[self.read_slots, :, :self.length]
 
 
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -151,7 +188,7 @@ def make_attention_inputs(
     causal: bool = False,
     prefix_mask: torch.Tensor | None = None,
     suffix_mask: torch.Tensor | None = None,
-    query_start: torch.Tensor | None = None,
+    arena: ArenaPass | None = None,
 ) -> AttentionInputs:
     """Positions and masks for one forward pass.
 
@@ -165,23 +202,25 @@ def make_attention_inputs(
     real tokens) and attend to its keys as well as their own. `suffix_mask`
     (batch, suffix) likewise for cached positions after this pass's (their keys
     carry their own rotary phases already), which are attended last.
-    `query_start` (batch,) long, with a prefix: the position of each row's first real
-    query, for a cache that holds more than the positions before the pass (the
-    engine's KV arena, whose prefix mask also marks the cached positions after it).
+    `arena`: the pass goes through the serving engine's KV arena instead (see `ArenaPass`).
     """
-    if prefix_mask is not None or suffix_mask is not None:
+    if arena is not None or prefix_mask is not None or suffix_mask is not None:
         if causal:
             raise ValueError("a prefix or suffix cache cannot be combined with causal attention")
         real = torch.ones((batch, seq), dtype=torch.bool, device=device) if attention_mask is None \
             else attention_mask.to(device=device, dtype=torch.bool)
-        empty = real[:, :0]
-        prefix_mask = empty if prefix_mask is None else prefix_mask.to(device)
-        suffix_mask = empty if suffix_mask is None else suffix_mask.to(device)
-        start = prefix_mask.long().sum(-1, keepdim=True) if query_start is None else query_start[:, None]
-        position_ids = start + real.long().cumsum(-1) - 1
+        if arena is not None:
+            position_ids = arena.query_start[:, None] + real.long().cumsum(-1) - 1
+            key_mask = arena.key_mask if arena.length else None if attention_mask is None else real
+        else:
+            empty = real[:, :0]
+            prefix_mask = empty if prefix_mask is None else prefix_mask.to(device)
+            suffix_mask = empty if suffix_mask is None else suffix_mask.to(device)
+            position_ids = prefix_mask.long().sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
+            key_mask = torch.cat([prefix_mask, real, suffix_mask], -1)
         cos, sin = rotary_tables(position_ids.clamp(min=0), head_dim, theta, dtype)
-        key_mask = torch.cat([prefix_mask, real, suffix_mask], -1)[:, None, None, :]
-        return AttentionInputs(cos, sin, key_mask, real, want_mass)
+        return AttentionInputs(cos, sin, None if key_mask is None else key_mask[:, None, None, :], real, want_mass,
+                               arena)
     if attention_mask is None:
         position_ids = torch.arange(seq, device=device).expand(batch, seq)
         key_mask = query_mask = None
@@ -216,7 +255,7 @@ def attention(
     mass per key position: softmax probabilities summed over heads and real
     queries, shape (batch, keys). The default path is fused SDPA; the mass path
     materialises the probabilities and is only for analysis. `kv` exchanges
-    keys/values with the prefix and suffix caches (see `KVSlot`).
+    keys/values with the prefix and suffix caches or the engine's KV arena (see `KVSlot`).
     """
     batch, seq, width = q.shape
     head_dim = width // num_heads
@@ -224,7 +263,9 @@ def attention(
     k = k.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     v = v.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
     q, k = ops.rotary_qk(q, k, inputs.cos, inputs.sin)
-    if kv is not None:
+    if kv is not None and kv.arena is not None:
+        k, v = inputs.arena.exchange(kv.arena, k, v)
+    elif kv is not None:
         if kv.keep:
             kv.current = LayerKV(k, v)
         if kv.past is not None:

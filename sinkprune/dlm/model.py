@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sinkprune.dlm.config import DLMConfig
-from sinkprune.dlm.layers import AttentionInputs, KVSlot, LayerKV, make_attention_inputs
+from sinkprune.dlm.layers import ArenaPass, AttentionInputs, KVSlot, LayerKV, make_attention_inputs
 
 
 @dataclass
@@ -106,13 +106,13 @@ class DiffusionLM(nn.Module):
         causal: bool = False,
         prefix_mask: torch.Tensor | None = None,
         suffix_mask: torch.Tensor | None = None,
-        query_start: torch.Tensor | None = None,
+        arena: ArenaPass | None = None,
     ) -> AttentionInputs:
         batch, seq = input_ids.shape
         param = self.embed_weight
         return make_attention_inputs(
             attention_mask, batch, seq, self.config.head_dim, self.config.rope_theta,
-            param.device, param.dtype, want_mass, causal, prefix_mask, suffix_mask, query_start,
+            param.device, param.dtype, want_mass, causal, prefix_mask, suffix_mask, arena,
         )
 
     @property
@@ -146,7 +146,7 @@ class DiffusionLM(nn.Module):
         prefix: KVCache | None = None,
         return_kv: bool = False,
         suffix: KVCache | None = None,
-        query_start: torch.Tensor | None = None,
+        arena: ArenaPass | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> DLMOutput:
         """Full bidirectional pass. `attention_mask` (batch, seq), 1 for real tokens,
@@ -159,14 +159,15 @@ class DiffusionLM(nn.Module):
         keeps its own logit, so callers start the pass one position early.
         `suffix`: cached positions that follow `input_ids` (Fast-dLLM's DualCache),
         attended to but not recomputed. `return_kv` returns this pass's keys/values
-        (to build such caches). `query_start` (batch,): where each row's queries start,
-        when `prefix` also holds cached positions after them (see `make_attention_inputs`).
+        (to build such caches). `arena`: keys and values go through the serving engine's
+        KV arena instead, written in place (see `ArenaPass`).
         `logits_at` (batch, n) long: return the logits of these positions of the pass only.
         """
         inputs = self.attention_inputs(input_ids, attention_mask, output_attention_mass, causal,
                                        None if prefix is None else prefix.mask,
-                                       None if suffix is None else suffix.mask, query_start)
-        slots = self._kv_slots(prefix, suffix, return_kv)
+                                       None if suffix is None else suffix.mask, arena)
+        slots = [KVSlot(arena=layer) for layer in arena.layers] if arena is not None else \
+            self._kv_slots(prefix, suffix, return_kv)
         hidden = self.embed(input_ids)
         masses = []
         for block, slot in zip(self.blocks, slots):
