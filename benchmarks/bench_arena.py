@@ -27,9 +27,10 @@ from sinkprune.dlm.presets import LLADA_8B
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def llada_shaped(d_model: int, layers: int, heads: int) -> DLMConfig:
-    """LLaDA-8B's block at another width (MLP 2.75x wide, as LLaDA's), with a small vocabulary."""
-    return DLMConfig.from_hf_config(dict(LLADA_8B, d_model=d_model, n_heads=heads, n_kv_heads=heads,
+def llada_shaped(d_model: int, layers: int, heads: int, kv_heads: int) -> DLMConfig:
+    """LLaDA-8B's block at another width (MLP 2.75x wide, as LLaDA's), with a small vocabulary; fewer key/value
+    heads than query heads make it grouped-query, as Dream-7B is (28 and 4)."""
+    return DLMConfig.from_hf_config(dict(LLADA_8B, d_model=d_model, n_heads=heads, n_kv_heads=kv_heads,
                                          n_layers=layers, mlp_hidden_size=d_model * 11 // 4, vocab_size=4096,
                                          embedding_size=4096, mask_token_id=4000, eos_token_id=4001,
                                          pad_token_id=4001))
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--d-model", type=integer(16, 65536), default=1024)
     parser.add_argument("--heads", type=integer(1, 256), default=16)
+    parser.add_argument("--kv-heads", type=integer(1, 256), help="key/value heads (default: --heads)")
     parser.add_argument("--layers", type=integer(1, 128), default=2)
     parser.add_argument("--rows", type=COUNT, default=8)
     parser.add_argument("--block", type=COUNT, default=32)
@@ -63,12 +65,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--block {args.block} is longer than --context {args.context}")
     if args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} does not split into {args.heads} heads")
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} do not split into groups of --kv-heads {args.kv_heads}")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    model = build_model(llada_shaped(args.d_model, args.layers, args.heads), dtype=dtype).to(device).eval()
+    config = llada_shaped(args.d_model, args.layers, args.heads, args.kv_heads)
+    model = build_model(config, dtype=dtype).to(device).eval()
     runner = ModelRunner(model, slots=args.rows, max_length=args.context, cuda_graphs=False)
-    kv_bytes = 2 * args.layers * args.rows * args.context * args.d_model * dtype.itemsize  # keys and values
+    kv_width = args.d_model // args.heads * args.kv_heads
+    kv_bytes = 2 * args.layers * args.rows * args.context * kv_width * dtype.itemsize  # keys and values, read once
     results = []
     with torch.no_grad():
         for gather in (False, True):
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "config": {key: getattr(args, key) for key in ("d_model", "heads", "layers", "rows", "block",
+              "config": {key: getattr(args, key) for key in ("d_model", "heads", "kv_heads", "layers", "rows", "block",
                                                              "context", "warmup", "reps")},
               "command": " ".join(["python -m benchmarks.bench_arena", *(sys.argv[1:] if argv is None else argv)]),
               "kv_bytes": kv_bytes, "results": results}

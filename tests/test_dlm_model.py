@@ -8,6 +8,7 @@ import torch
 
 from sinkprune.dlm import DLMConfig, build_model, load_model, save_model
 from sinkprune.dlm.config import ConfigError
+from sinkprune.dlm.layers import grouped_sdpa
 from sinkprune.dlm.loading import ModelLoadError
 from sinkprune.dlm.presets import DREAM_7B as DREAM_7B_CONFIG
 from sinkprune.dlm.presets import LLADA_8B as LLADA_8B_CONFIG
@@ -222,3 +223,22 @@ def test_causal_analysis_mode_hides_the_future(model_type):
     # query i attends to i+1 keys: key j receives mass from the (L - j) queries at or after it
     heads = model.config.num_heads
     assert a.attention_mass[0][0, -1].item() < heads + 1e-9
+
+
+@pytest.mark.parametrize("groups", [1, 2, 7])
+@pytest.mark.parametrize("mask_queries", [1, 5])  # a key mask for every query, or one per query (causal check)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_equals_attention_over_repeated_keys_and_values(groups, mask_queries, dtype):
+    """GQA reads each key/value head once (query heads stacked along the query axis), bit for bit what SDPA over
+    keys and values repeated per query head gives."""
+    generator = torch.Generator().manual_seed(groups)
+    batch, kv_heads, queries, keys, head_dim = 3, 2, 5, 37, 16
+    q = torch.randn(batch, kv_heads * groups, queries, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2))
+    mask = torch.rand(batch, 1, mask_queries, keys, generator=generator) > 0.3
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=mask)
+    assert torch.equal(grouped_sdpa(q, k, v, mask), expected)
+    assert torch.equal(grouped_sdpa(q, k, v, None), torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)))

@@ -14,8 +14,9 @@ import torch
 
 from serve.engine.config import EngineConfig
 from serve.engine.engine import DLMEngine
-from serve.engine.model_runner import PassShape, bucket
+from serve.engine.model_runner import ModelRunner, PassShape, StaticPass, bucket
 from serve.engine.requests import GenerationRequest
+from serve.engine.sequence import PassPlan
 from sinkprune.dlm.layers import ArenaPass, LayerKV
 from tests.conftest import random_model
 from tests.test_engine import final, random_requests, reference, serve
@@ -165,3 +166,29 @@ def test_an_arena_pass_writes_in_place_and_reads_views():
                          read_slots=torch.tensor([1, 0]))
     read_keys, _ = gathered.exchange(layer, keys, -keys)
     assert torch.equal(read_keys[0], layer.keys[1, :, :5]) and torch.equal(read_keys[1], layer.keys[0, :, :5])
+
+
+def test_a_pass_fills_every_input_in_one_buffer_and_spare_rows_write_into_scratch():
+    """One buffer holds every integer input (on a GPU: one asynchronous copy per pass, no sync per tensor);
+    rows beyond the batch, and a run before any fill, have no queries and write only into the scratch slot."""
+    model = random_model("llada", seed=3)
+    runner = ModelRunner(model, slots=3, max_length=32, cuda_graphs=False)
+    shape = PassShape(4, 8, 24, True, 8, gather=True)
+    static = StaticPass(model, runner._arena(), shape, pad_id=5)
+    scratch = static.scratch
+    assert (static.inputs.staged["write_slots"] == scratch).all() and not static.inputs.staged["lengths"].any()
+    plans = [PassPlan([1, 2, 3], 4, True, 20, True, (4, 7)), PassPlan([9] * 8, 0, True, 8, True, (0, 8))]
+    static.fill(plans, [2, 0])
+    staged = static.inputs.staged
+    assert staged["ids"][0].tolist() == [1, 2, 3] + [5] * 5 and staged["ids"][1].tolist() == [9] * 8
+    assert staged["write_slots"][0].tolist() == [2, 2, 2] + [scratch] * 5
+    assert (staged["write_slots"][2:] == scratch).all()
+    assert staged["write_positions"][0, :3].tolist() == [4, 5, 6] and staged["read_slots"].tolist()[:2] == [2, 0]
+    assert staged["reach"].tolist() == [20, 8, 0, 0] and staged["lengths"].tolist() == [3, 8, 0, 0]
+    storage = static.inputs.device.untyped_storage().data_ptr()
+    access = static.access
+    for tensor in (static.inputs.views["ids"], static.inputs.views["logits_at"], access.write_slots,
+                   access.write_positions, access.query_start, access.read_slots):
+        assert tensor.untyped_storage().data_ptr() == storage
+    static.forward()
+    assert access.key_mask.sum(-1).tolist() == [20, 8, 0, 0] and static.query_mask.sum(-1).tolist() == [3, 8, 0, 0]

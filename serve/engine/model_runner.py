@@ -14,9 +14,11 @@ the same code eagerly):
   more slot is scratch for padded queries.
 - per shape (`PassShape`: rows, queries, context, block width, gathered or not), the
   inputs of a pass (`StaticPass`): token ids with real positions first (rows are
-  right-padded), the query mask, where each query's keys go (`ArenaPass`), each row's
-  first position, which arena positions it attends (its sequence's), and where its block
-  starts: the head computes the logits of the block's positions only, the ones a step reads.
+  right-padded), where each query's keys go (`ArenaPass`), each row's first position, how
+  many queries and arena positions it has (the masks are computed from them inside the
+  pass), and where its block starts: the head computes the logits of the block's
+  positions only, the ones a step reads. All in one buffer (`PassInputs`), moved to the
+  device by one asynchronous copy: filling a pass never waits for the GPU.
 - the logits: one buffer per block width, shared by every kept pass of that width.
 
 Graphs of the dual-cache block passes (most of a request's steps) are captured when the
@@ -31,9 +33,11 @@ Runs in the engine's worker thread, never on the event loop.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sinkprune.dlm.layers import ArenaPass, LayerKV
@@ -97,70 +101,101 @@ class KVArena:
         return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.layers)
 
 
+class PassInputs:
+    """Every integer input of one pass shape in one buffer, so that filling a pass never waits for the GPU: the
+    host writes a pinned copy and ONE asynchronous copy moves it to the device (a plain copy from pageable memory
+    synchronises the stream, once per tensor). On the CPU the host buffer is the pass's buffer."""
+
+    def __init__(self, shape: PassShape, device: torch.device):
+        rows, queries = shape.rows, shape.queries
+        sizes = {"ids": (rows, queries), "logits_at": (rows, shape.block), "write_slots": (rows, queries),
+                 "write_positions": (rows, queries), "query_start": (rows,), "lengths": (rows,), "reach": (rows,),
+                 "read_slots": (rows,)}
+        total = sum(math.prod(size) for size in sizes.values())
+        self.host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.device = torch.zeros(total, dtype=torch.long, device=device) if device.type == "cuda" else self.host
+        self.copied: torch.cuda.Event | None = None
+        self.staged: dict[str, np.ndarray] = {}  # what the host writes
+        self.views: dict[str, torch.Tensor] = {}  # what the pass reads
+        offset = 0
+        for name, size in sizes.items():
+            span = slice(offset, offset + math.prod(size))
+            self.staged[name], self.views[name] = self.host[span].view(size).numpy(), self.device[span].view(size)
+            offset = span.stop
+
+    def stage(self) -> dict[str, np.ndarray]:
+        """The host arrays to fill; waits only for this buffer's previous copy (done once a step has synced)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.staged
+
+    def upload(self) -> None:
+        if self.device is not self.host:
+            self.device.copy_(self.host, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+
 class StaticPass:
     """The input buffers of one pass shape and the pass over them; `capture()` records it as a CUDA graph."""
 
     def __init__(self, model: DiffusionLM, arena: KVArena | None, shape: PassShape, pad_id: int,
                  outputs: LogitsBuffers | None = None):
         device = model.embed_weight.device
-        self.model, self.shape, self.outputs = model, shape, outputs
+        self.model, self.shape, self.outputs, self.pad_id = model, shape, outputs, pad_id
         self.kept = outputs is not None
         self.scratch = arena.scratch if arena is not None else 0
-        self.ids = torch.full((shape.rows, shape.queries), pad_id, dtype=torch.long, device=device)
+        self.inputs = PassInputs(shape, device)
+        views = self.inputs.views
+        self.query_index = torch.arange(shape.queries, device=device)
         self.query_mask = torch.zeros((shape.rows, shape.queries), dtype=torch.bool, device=device)
-        self.logits_at = torch.zeros((shape.rows, shape.block), dtype=torch.long, device=device)
+        self.key_index = torch.arange(shape.context, device=device)
         self.access: ArenaPass | None = None  # passes that neither read nor keep a cache skip the arena
         if arena is not None and (shape.write or shape.context):
             self.access = ArenaPass(
-                arena.layers,
-                write_slots=torch.full((shape.rows, shape.queries), self.scratch, dtype=torch.long, device=device),
-                write_positions=torch.arange(shape.queries, device=device).repeat(shape.rows, 1),
-                query_start=torch.zeros((shape.rows,), dtype=torch.long, device=device),
-                length=shape.context,
+                arena.layers, views["write_slots"], views["write_positions"], views["query_start"], shape.context,
                 key_mask=torch.zeros((shape.rows, shape.context), dtype=torch.bool, device=device)
                 if shape.context else None,
-                read_slots=torch.full((shape.rows,), self.scratch, dtype=torch.long, device=device)
-                if shape.gather else None)
+                read_slots=views["read_slots"] if shape.gather else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # a kept pass's rows of the shared logits buffer
         self.padded = True  # a kept (bucketed) pass always applies the query mask; a one-off only when rows differ
+        self.fill([], [])  # no rows yet: a run before the first fill (a capture's eager run) writes into scratch
 
     def fill(self, plans: list[PassPlan], slots: list[int]) -> None:
-        """Copy this batch's inputs into the buffers (rows beyond the batch keep stale, harmless values and
-        write into the scratch slot)."""
-        shape, rows = self.shape, len(plans)
-        ids = torch.zeros((rows, shape.queries), dtype=torch.long)
-        real = torch.zeros((rows, shape.queries), dtype=torch.bool)
+        """Write this batch's inputs, every row of the shape (rows beyond the batch: no queries, writing into the
+        scratch slot), and start their one copy to the device."""
+        shape, rows, staged = self.shape, len(plans), self.inputs.stage()
+        queries = np.arange(shape.queries)
+        lengths, start, reach, slot = (np.zeros(shape.rows, dtype=np.int64) for _ in range(4))
+        slot[:] = self.scratch
+        ids = staged["ids"]
+        ids[:] = self.pad_id
         for row, plan in enumerate(plans):
-            ids[row, :len(plan.token_ids)] = torch.tensor(plan.token_ids)
-            real[row, :len(plan.token_ids)] = True
-        self.padded = self.kept or rows < shape.rows or not bool(real.all())
-        self.ids[:rows].copy_(ids)
-        self.query_mask[:rows].copy_(real)
-        self.query_mask[rows:] = False
-        first = torch.tensor([plan.logits[0] - plan.offset for plan in plans])
-        self.logits_at[:rows].copy_((first[:, None] + torch.arange(shape.block)).clamp(max=shape.queries - 1))
-        access = self.access
-        if access is None:
-            return
-        start = torch.tensor([p.offset for p in plans])
-        positions = start[:, None] + torch.arange(shape.queries)
-        access.write_slots[:rows].copy_(torch.where(real, torch.tensor(slots)[:, None], self.scratch))
-        access.write_slots[rows:] = self.scratch
-        access.write_positions[:rows].copy_(torch.where(real, positions, torch.arange(shape.queries)))
-        access.query_start[:rows].copy_(start)
-        if shape.context:
-            # every row attends its sequence's positions: cached ones and those this pass writes
-            reach = torch.tensor([max(p.cache_length, p.offset + len(p.token_ids)) for p in plans])
-            access.key_mask[:rows].copy_(torch.arange(shape.context)[None, :] < reach[:, None])
-            access.key_mask[rows:] = False
-        if access.read_slots is not None:
-            access.read_slots[:rows].copy_(torch.tensor(slots))
+            ids[row, :len(plan.token_ids)] = plan.token_ids
+            lengths[row], start[row] = len(plan.token_ids), plan.offset
+            reach[row] = max(plan.cache_length, plan.offset + len(plan.token_ids))  # cached and written positions
+            slot[row] = slots[row]
+        first = np.zeros(shape.rows, dtype=np.int64)
+        first[:rows] = [plan.logits[0] - plan.offset for plan in plans]
+        np.minimum(first[:, None] + np.arange(shape.block), shape.queries - 1, out=staged["logits_at"])
+        real = queries < lengths[:, None]
+        np.copyto(staged["write_slots"], np.where(real, slot[:, None], self.scratch))
+        np.copyto(staged["write_positions"], np.where(real, start[:, None] + queries, queries))
+        staged["query_start"][:], staged["lengths"][:], staged["reach"][:] = start, lengths, reach
+        staged["read_slots"][:] = slot
+        self.inputs.upload()
+        self.padded = self.kept or rows < shape.rows or bool((lengths < shape.queries).any())
 
     def forward(self) -> torch.Tensor:
         """The pass: run the model (through the arena, if it reads or keeps a cache), keep the logits."""
-        out = self.model(self.ids, attention_mask=self.query_mask if self.padded else None, arena=self.access,
-                         logits_at=self.logits_at)
+        views = self.inputs.views
+        if self.padded:
+            torch.lt(self.query_index, views["lengths"][:, None], out=self.query_mask)
+        if self.access is not None and self.access.key_mask is not None:  # each row: its sequence's positions
+            torch.lt(self.key_index, views["reach"][:, None], out=self.access.key_mask)
+        out = self.model(views["ids"], attention_mask=self.query_mask if self.padded else None, arena=self.access,
+                         logits_at=views["logits_at"])
         if not self.kept:
             return out.logits
         if self.logits is None:  # the first, eager run (never inside a capture)

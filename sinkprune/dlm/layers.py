@@ -274,16 +274,31 @@ def attention(
         if kv.future is not None:
             k = torch.cat([k, kv.future.keys], dim=2)
             v = torch.cat([v, kv.future.values], dim=2)
-    if num_kv_heads != num_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
     mass = None
     if inputs.want_mass:
-        out, mass = _attention_with_mass(q, k, v, inputs)
+        groups = num_heads // num_kv_heads
+        out, mass = _attention_with_mass(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                                         inputs)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask)
+        out = grouped_sdpa(q, k, v, inputs.key_mask)
     out = out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
     return out_proj(out), mass
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Fused SDPA where several query heads share a key/value head (GQA), without copying the keys and values
+    once per query head: the query heads of a group are stacked along the query axis, so each cached key and
+    value is read once (Dream-7B: 7 query heads per kv head, a 7x copy of the whole cache per layer and step
+    otherwise). Each query row attends exactly as before. torch's `enable_gqa` would do the same but falls back
+    to the math kernel on CUDA when a mask is given."""
+    batch, heads, queries, head_dim = q.shape
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    q = q.reshape(batch, k.shape[1], groups * queries, head_dim)  # row g * queries + i: head kv * groups + g
+    if key_mask is not None and key_mask.shape[2] > 1:  # a mask per query (the causal comparison): per group too
+        key_mask = key_mask.repeat(1, 1, groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).view(batch, heads, queries, head_dim)
 
 
 def _attention_with_mass(q, k, v, inputs: AttentionInputs):
