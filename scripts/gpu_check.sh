@@ -3,9 +3,10 @@
 # its output to OUT/<stage>.txt (and JSON/PNG beside it), ready for docs/BENCHMARKS.md; a failing stage
 # does not stop the others, and the exit status is 1 if any failed.
 #
-#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench step serving (default: all)
+#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench algs step serving (default: all)
 #
-# Every stage is time-boxed (STAGE_SECONDS, default 240; serving 480) so an overrun loses only that stage; BENCH_ARGS
+# Every stage is time-boxed (STAGE_SECONDS, default 240; algs and serving 480) so an overrun loses only that stage;
+# ALGS_ARGS replaces the cuSPARSELt algorithm survey's arguments after --out/--table; BENCH_ARGS
 # replaces the kernel benchmark's default arguments (for a shorter run), STEP_ARGS adds to the step benchmark's,
 # SERVING_ARGS to the serving benchmark's.
 #
@@ -16,12 +17,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 shift $(( $# > 0 ? 1 : 0 ))
-stages=("${@:-env ext tests compile bench step serving}")
+stages=("${@:-env ext tests compile bench algs step serving}")
 stages=(${stages[*]})
 for stage in "${stages[@]}"; do
     case $stage in
-        env|ext|tests|compile|bench|step|serving) ;;
-        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench step serving)" >&2; exit 2 ;;
+        env|ext|tests|compile|bench|algs|step|serving) ;;
+        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench algs step serving)" >&2; exit 2 ;;
     esac
 done
 py=${PYTHON:-python3}
@@ -52,6 +53,11 @@ for stage in "${stages[@]}"; do
         compile) run_stage compile "$py" -m benchmarks.compile_check --out "$out/compile_check.json" ;;
         bench) run_stage bench "$py" -m benchmarks.bench_kernels --out "$out/kernels_bench.json" \
                    --table "$out/dispatch_table.json" ${BENCH_ARGS:-} ;;
+        # algs: which cuSPARSELt algorithms run (each plan in a child: a crash costs one task), the fastest usable
+        # per (N, K, M), the table the serving path may load (SINKSERVE_CUSPARSELT_ALGS), the first crash sanitized
+        algs) STAGE_SECONDS=${STAGE_SECONDS:-480} run_stage algs "$py" -m benchmarks.cusparselt_algs \
+                  --out "$out/cusparselt_algs.json" --table "$out/cusparselt_algs_table.json" \
+                  ${ALGS_ARGS:---seconds 300 --task-seconds 60 --sanitize} ;;
         step) run_stage step_llada "$py" -m benchmarks.bench_step --model llada-8b --out "$out/step_llada.json" \
                   ${STEP_ARGS:-}
               run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" \

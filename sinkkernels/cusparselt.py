@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "cusparselt_linear.cpp"
 ENV_PATH = "CUSPARSELT_PATH"  # a folder with include/cusparseLt.h and lib/libcusparseLt.so*
 ENV_CACHE = "SINKSERVE_EXTENSION_DIR"
+ENV_ALGORITHMS = "SINKSERVE_CUSPARSELT_ALGS"  # a survey's table of algorithm ids (benchmarks.cusparselt_algs)
 ROW_MULTIPLE = 16  # cuSPARSELt wants the dense operand's rows (our M) a multiple of 16 for 16-bit types
 SHAPE_MULTIPLE = 16  # and the weight's rows and columns too
 
@@ -110,18 +112,58 @@ def padded_rows(m: int) -> int:
 def plan(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device):
     """The plan shared by every (N, K) weight at M rows, made on first use (never inside a graph capture).
 
-    It runs cuSPARSELt's default algorithm (id 0). Choosing among the others is left for later: on an H200
-    (cuSPARSELt 0.8.0) `cusparseLtMatmulSearch`, and also timing plans made with ids above 0, crashed the
-    process (a segfault; docs/BENCHMARKS.md)."""
+    It runs cuSPARSELt's default algorithm (id 0) unless the table named by $SINKSERVE_CUSPARSELT_ALGS, written
+    by `python -m benchmarks.cusparselt_algs --table` on this GPU model with this library version, names another
+    for (N, K, M): on an H200 (cuSPARSELt 0.8.0) the library's search and some ids above 0 crashed the process
+    (a segfault; docs/BENCHMARKS.md), so only ids that survey ran, in child processes, are ever used."""
     key = (n, k, m, dtype, device.index or 0)
     found = _PLANS.get(key)
     if found is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"cuSPARSELt plan for N={n} K={k} M={m} was not made before CUDA graph capture; "
                                "warm up every shape first")
-        found = extension().Plan(n, k, m, str(dtype).removeprefix("torch."), 0, device.index or 0)
+        alg = choose_algorithm(algorithm_table(), torch.cuda.get_device_name(device), extension().version(),
+                               n, k, m) if dtype == torch.bfloat16 else 0
+        found = extension().Plan(n, k, m, str(dtype).removeprefix("torch."), alg, device.index or 0)
         _PLANS[key] = found
     return found
+
+
+def choose_algorithm(table: dict | None, device_name: str, version: str, n: int, k: int, m: int) -> int:
+    """The algorithm id for an (N, K, M) bf16 plan: the table's, when it was measured on this GPU model with this
+    cuSPARSELt version (ids are not stable across versions), else the default, 0."""
+    if table is None:
+        return 0
+    if (table["device"], table["cusparselt"]) != (device_name, version):
+        _warn_mismatch(table["device"], table["cusparselt"], device_name, version)
+        return 0
+    return table["algorithms"].get(f"{n},{k},{m}", 0)
+
+
+@functools.cache
+def _warn_mismatch(table_device: str, table_version: str, device_name: str, version: str) -> None:
+    print(f"warning: ${ENV_ALGORITHMS} was measured on {table_device} with cuSPARSELt {table_version}, this is "
+          f"{device_name} with {version}: every plan runs the default algorithm", file=sys.stderr)
+
+
+@functools.cache
+def algorithm_table() -> dict | None:
+    """The table named by $SINKSERVE_CUSPARSELT_ALGS, checked, or None when unset."""
+    path = os.environ.get(ENV_ALGORITHMS)
+    if not path:
+        return None
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"${ENV_ALGORITHMS}={path}: cannot read the cuSPARSELt algorithm table: {error}") from None
+    algorithms = table.get("algorithms") if isinstance(table, dict) else None
+    if not (isinstance(table, dict) and isinstance(table.get("device"), str)
+            and isinstance(table.get("cusparselt"), str) and isinstance(algorithms, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in algorithms.values())):
+        raise RuntimeError(f"${ENV_ALGORITHMS}={path}: expected {{\"device\": str, \"cusparselt\": str, "
+                           f"\"algorithms\": {{\"N,K,M\": id >= 0}}}} as `benchmarks.cusparselt_algs --table` "
+                           "writes it")
+    return table
 
 
 class CusparseLtWeight:

@@ -4,6 +4,7 @@ tests/test_kernels_cuda.py on a GPU)."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ class _StandInPlan:
     made: list[tuple] = []
 
     def __init__(self, n, k, m, dtype, alg_id, device):
-        self.shape = (n, k, m)
+        self.shape, self.alg_id = (n, k, m), alg_id
         _StandInPlan.made.append((n, k, m, dtype))
 
     def run(self, compressed, x, out):
@@ -51,6 +52,10 @@ class _StandInPlan:
 
 class _StandInExtension:
     Plan = _StandInPlan
+
+    @staticmethod
+    def version():
+        return "0.8.0"
 
     @staticmethod
     def compress(weight):
@@ -77,3 +82,20 @@ def test_a_plan_is_never_made_inside_a_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="before CUDA graph capture"):
         cusparselt.plan(32, 64, 16, torch.bfloat16, torch.device("cpu"))
+
+
+def test_bf16_plans_take_the_surveyed_algorithm_for_their_shape(tmp_path, monkeypatch):
+    table = tmp_path / "algs.json"
+    table.write_text(json.dumps({"device": "NVIDIA H200", "cusparselt": "0.8.0", "algorithms": {"32,64,16": 2}}))
+    monkeypatch.setenv(cusparselt.ENV_ALGORITHMS, str(table))
+    monkeypatch.setattr(cusparselt, "extension", lambda: _StandInExtension)
+    monkeypatch.setattr(cusparselt, "_PLANS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cusparselt.algorithm_table.cache_clear()
+    try:
+        plans = [cusparselt.plan(32, 64, m, dtype, torch.device("cpu"))
+                 for m, dtype in ((16, torch.bfloat16), (32, torch.bfloat16), (16, torch.float16))]
+    finally:
+        cusparselt.algorithm_table.cache_clear()
+    assert [plan.alg_id for plan in plans] == [2, 0, 0]  # the table's id; no entry; the survey measured bf16 only

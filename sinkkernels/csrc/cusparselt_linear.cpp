@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -92,11 +93,11 @@ class Plan {
     SINK_CHECK(cusparseLtMatmulAlgGetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id,
                                                sizeof(max_id)));
     TORCH_CHECK(alg_id >= 0 && alg_id <= max_id, "cuSPARSELt algorithm id ", alg_id, " is outside 0..", max_id);
+    max_alg_id_ = max_id;
     int32_t id = static_cast<int32_t>(alg_id);
     SINK_CHECK(cusparseLtMatmulAlgSetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
                                                sizeof(id)));
-    SINK_CHECK(cusparseLtMatmulPlanInit(handle(), &plan_, &matmul_, &selection_));
-    SINK_CHECK(cusparseLtMatmulGetWorkspace(handle(), &plan_, &workspace_size_));
+    init_plan();
     auto bytes = torch::TensorOptions().dtype(at::kByte).device(torch::kCUDA, device);
     workspace_ = torch::empty({static_cast<int64_t>(std::max<size_t>(workspace_size_, 1))}, bytes);
   }
@@ -118,9 +119,55 @@ class Plan {
                                 out.data_ptr(), out.data_ptr(), workspace_.data_ptr(), &stream, 1));
   }
 
+  // The weight compressed through this plan (cusparseLtSpMMACompress): the library's layout for this
+  // algorithm, which `compress()` (from the weight's descriptor alone) may not match for every algorithm.
+  torch::Tensor compress_for_plan(const torch::Tensor& weight) {
+    TORCH_CHECK(weight.is_cuda() && weight.is_contiguous() && weight.scalar_type() == dtype_ &&
+                    weight.size(0) == n_ && weight.size(1) == k_,
+                "compress_for_plan: expected a contiguous (", n_, ", ", k_, ") ", dtype_, " CUDA weight");
+    size_t compressed_size = 0, buffer_size = 0;
+    SINK_CHECK(cusparseLtSpMMACompressedSize(handle(), &plan_, &compressed_size, &buffer_size));
+    auto bytes = weight.options().dtype(at::kByte);
+    auto compressed = torch::empty({static_cast<int64_t>(compressed_size)}, bytes);
+    auto buffer = torch::empty({static_cast<int64_t>(std::max<size_t>(buffer_size, 1))}, bytes);
+    SINK_CHECK(cusparseLtSpMMACompress(handle(), &plan_, weight.data_ptr(), compressed.data_ptr(), buffer.data_ptr(),
+                                       c10::cuda::getCurrentCUDAStream().stream()));
+    return compressed;
+  }
+
+  // cuSPARSELt's own search over algorithms (and split-K) with a workspace of `workspace_bytes` (the search
+  // may try algorithms that need more than the default one's); the plan is rebuilt around its choice.
+  // Returns (algorithm id, split-K).
+  std::tuple<int64_t, int64_t> search(const torch::Tensor& compressed, const torch::Tensor& x, torch::Tensor& out,
+                                      int64_t workspace_bytes) {
+    check(compressed, x, out);
+    auto workspace = torch::empty({std::max<int64_t>(workspace_bytes, 1)}, workspace_.options());
+    float alpha = 1.0f, beta = 0.0f;
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    SINK_CHECK(cusparseLtMatmulSearch(handle(), &plan_, &alpha, compressed.data_ptr(), x.data_ptr(), &beta,
+                                      out.data_ptr(), out.data_ptr(), workspace.data_ptr(), &stream, 1));
+    int32_t id = 0, split_k = 0;
+    SINK_CHECK(cusparseLtMatmulAlgGetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
+                                               sizeof(id)));
+    SINK_CHECK(cusparseLtMatmulAlgGetAttribute(handle(), &selection_, CUSPARSELT_MATMUL_SPLIT_K, &split_k,
+                                               sizeof(split_k)));
+    cusparseLtMatmulPlanDestroy(&plan_);
+    init_plan();
+    if (workspace_.numel() < static_cast<int64_t>(workspace_size_)) {
+      workspace_ = torch::empty({static_cast<int64_t>(workspace_size_)}, workspace_.options());
+    }
+    return {id, split_k};
+  }
+
   int64_t workspace_bytes() const { return static_cast<int64_t>(workspace_size_); }
+  int64_t max_alg_id() const { return max_alg_id_; }
 
  private:
+  void init_plan() {
+    SINK_CHECK(cusparseLtMatmulPlanInit(handle(), &plan_, &matmul_, &selection_));
+    SINK_CHECK(cusparseLtMatmulGetWorkspace(handle(), &plan_, &workspace_size_));
+  }
+
   void check(const torch::Tensor& compressed, const torch::Tensor& x, const torch::Tensor& out) const {
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == dtype_ && x.dim() == 2 &&
                     x.size(0) == m_ && x.size(1) == k_,
@@ -135,6 +182,7 @@ class Plan {
   int64_t n_, k_, m_;
   at::ScalarType dtype_;
   size_t workspace_size_ = 0;
+  int64_t max_alg_id_ = 0;
   cusparseLtMatDescriptor_t a_, b_, d_;
   cusparseLtMatmulDescriptor_t matmul_;
   cusparseLtMatmulAlgSelection_t selection_;
@@ -158,5 +206,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            pybind11::arg("k"), pybind11::arg("m"), pybind11::arg("dtype"), pybind11::arg("alg_id") = 0,
            pybind11::arg("device") = 0)
       .def("run", &Plan::run)
+      .def("compress_for_plan", &Plan::compress_for_plan)
+      .def("search", &Plan::search)
+      .def_property_readonly("max_alg_id", &Plan::max_alg_id)
       .def_property_readonly("workspace_bytes", &Plan::workspace_bytes);
 }
