@@ -146,6 +146,13 @@ def _warn_mismatch(table_device: str, table_version: str, device_name: str, vers
           f"{device_name} with {version}: every plan runs the default algorithm", file=sys.stderr)
 
 
+def algorithm_table_digest() -> str | None:
+    """A short digest of the algorithm table in force (None without one): dispatch measured under other
+    algorithms must not be reused."""
+    table = algorithm_table()
+    return None if table is None else hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def algorithm_table() -> dict | None:
     """The table named by $SINKSERVE_CUSPARSELT_ALGS, checked, or None when unset."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cusparselt import ENV_ALGORITHMS, algorithm_table_digest
 from .dispatch import (BACKENDS, TABLE_FORMAT, fastest_steps, forced_backend, single_representation_steps, table_key,
                        unavailable_reason)
 from .sparse24 import Sparse24Linear
@@ -50,7 +51,8 @@ def device_name(device: torch.device) -> str:
 def cache_path(device: torch.device, cache_dir: Path | str | None = None) -> Path:
     base = Path(cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "sinkserve" / "dispatch")
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
-    return base / f"{slug}-torch{torch.__version__}.json"
+    algorithms = algorithm_table_digest() if device.type == "cuda" else None  # cuSPARSELt ids in force
+    return base / f"{slug}-torch{torch.__version__}{f'-cusparselt{algorithms}' if algorithms else ''}.json"
 
 
 @dataclass
@@ -65,7 +67,8 @@ class MeasuredTable:
 
     def summary(self) -> dict:
         return {"plans": self.plans, "policy": self.policy, "cache": str(self.path), "measured_now": self.measured,
-                "measure_seconds": round(self.seconds, 3)}
+                "measure_seconds": round(self.seconds, 3),
+                "cusparselt_algorithms": os.environ.get(ENV_ALGORITHMS) or None}
 
 
 def measure_shape(n: int, k: int, dtype: torch.dtype, device: torch.device, m_values: Iterable[int],

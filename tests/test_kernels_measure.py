@@ -121,3 +121,23 @@ def test_swap_follows_a_measured_table(monkeypatch):
     table = {"cpu|float32|32x64": [[None, "dense"]]}
     assert swap_sparse_linears(model, table=table) == ["0", "1"]
     assert seen and all(t is table for t in seen)
+
+
+def test_dispatch_measured_under_other_cusparselt_algorithms_is_never_reused(tmp_path, monkeypatch):
+    from sinkkernels import cusparselt
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.delenv(cusparselt.ENV_ALGORITHMS, raising=False)
+    cusparselt.algorithm_table.cache_clear()
+    plain = measure.cache_path(cuda, tmp_path)
+    tables = []
+    for ids in ({"4096,4096,256": 2}, {"4096,4096,256": 3}):
+        path = tmp_path / f"algs{len(tables)}.json"
+        path.write_text(json.dumps({"device": "NVIDIA H200", "cusparselt": "0.8.0", "algorithms": ids}))
+        monkeypatch.setenv(cusparselt.ENV_ALGORITHMS, str(path))
+        cusparselt.algorithm_table.cache_clear()
+        tables.append(measure.cache_path(cuda, tmp_path))
+    cusparselt.algorithm_table.cache_clear()
+    assert len({plain, *tables}) == 3 and all(p.parent == tmp_path for p in tables)
+    assert plain.name == "NVIDIA-H200-torch" + torch.__version__ + ".json"
+    assert measure.MeasuredTable({}, plain, [], 0.0).summary()["cusparselt_algorithms"] == str(path)
