@@ -11,8 +11,8 @@
 # SERVING_ARGS to the serving benchmark's.
 #
 # PYTHON (default python3, which holds torch on the lent GPU machines) runs everything; it needs torch with
-# CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Budget on an H100:
-# run `env tests compile` in one call, `bench step` in another and `serving` in a third, each inside 10 minutes.
+# CUDA, triton, pytest, tqdm, matplotlib, transformers and safetensors, and no Ray. Which stages to run in which of a
+# session's calls (each inside 10 minutes): docs/BENCHMARKS.md, "Running it again".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
