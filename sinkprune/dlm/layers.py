@@ -298,7 +298,8 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: to
     q = q.reshape(batch, k.shape[1], groups * queries, head_dim)  # row g * queries + i: head kv * groups + g
     if key_mask is not None and key_mask.shape[2] > 1:  # a mask per query (the causal comparison): per group too
         key_mask = key_mask.repeat(1, 1, groups, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).view(batch, heads, queries, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # CUDA kernels return (B, L, H, D) strides
+    return out.reshape(batch, heads, queries, head_dim)
 
 
 def _attention_with_mass(q, k, v, inputs: AttentionInputs):
