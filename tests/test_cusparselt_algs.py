@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.cusparselt_algs import (PROBE_M, grid_tasks, markdown, probe_tasks, served_shapes, serving_table,
                                         summarize, survivors)
@@ -84,7 +85,11 @@ def test_the_serving_path_takes_the_tables_id_only_on_the_gpu_and_library_it_was
     cusparselt.algorithm_table.cache_clear()
 
 
-@pytest.mark.parametrize("args, message", [([], "needs a CUDA GPU"), (["--m", "32,40"], "multiple of 16")])
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+
+
+@pytest.mark.parametrize("args, message", [pytest.param([], "needs a CUDA GPU", marks=NO_GPU),
+                                           (["--m", "32,40"], "multiple of 16")])
 def test_the_survey_refuses_what_it_cannot_do(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "benchmarks.cusparselt_algs", "--out", str(tmp_path / "a.json"),
                              *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -92,6 +97,7 @@ def test_the_survey_refuses_what_it_cannot_do(tmp_path, args, message):
     assert not (tmp_path / "a.json").exists()
 
 
+@NO_GPU
 def test_a_survey_task_runs_in_a_child_and_reports_why_it_failed_here(tmp_path, monkeypatch):
     """The child imports the survey's task by name; on a CPU the task fails cleanly, as an entry, not a crash."""
     from sinkkernels.isolated import run_isolated
