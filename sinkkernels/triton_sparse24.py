@@ -156,6 +156,11 @@ class SmallMTiles:
     num_stages: int = 3
 
 
+# the interpreter pays per program and loop step, not per element: few, large blocks (the GPU's own blocks are
+# checked by the compile check and the CUDA tests; explicit tiles still test small ones here)
+INTERPRETER_SMALL_M_TILES = SmallMTiles(block_n=128, block_v=128)
+
+
 def small_m_blocks(block_m: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_V) for BLOCK_M rows: about 2K products per program and step, which compile for sm_90
     with no spill and under 80 registers (`python -m benchmarks.compile_check`)."""
@@ -164,9 +169,9 @@ def small_m_blocks(block_m: int) -> tuple[int, int]:
 
 def small_m_tiles(m: int, n: int, k: int, device: torch.device) -> SmallMTiles:
     """The blocks for M's size class; K split until the programs fill the multiprocessors a few times."""
-    block_n, block_v = small_m_blocks(triton.next_power_of_2(m))
     if INTERPRET:
-        return SmallMTiles(block_n, block_v)
+        return INTERPRETER_SMALL_M_TILES
+    block_n, block_v = small_m_blocks(triton.next_power_of_2(m))
     programs = triton.cdiv(n, block_n)
     split_k = max(1, min(8, 4 * _sm_count(device) // programs, k // 2 // (4 * block_v)))
     return SmallMTiles(block_n, block_v, split_k)
