@@ -3,7 +3,7 @@
 # its output to OUT/<stage>.txt (and JSON/PNG beside it), ready for docs/BENCHMARKS.md; a failing stage
 # does not stop the others, and the exit status is 1 if any failed.
 #
-#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench algs step serving (default: all)
+#   scripts/gpu_check.sh [OUT] [STAGE ...]     stages: env ext tests compile bench algs arena step serving (default: all)
 #
 # Every stage is time-boxed (STAGE_SECONDS, default 240; algs and serving 480) so an overrun loses only that stage;
 # ALGS_ARGS replaces the cuSPARSELt algorithm survey's arguments after --out/--table; BENCH_ARGS
@@ -17,12 +17,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 shift $(( $# > 0 ? 1 : 0 ))
-stages=("${@:-env ext tests compile bench algs step serving}")
+stages=("${@:-env ext tests compile bench algs arena step serving}")
 stages=(${stages[*]})
 for stage in "${stages[@]}"; do
     case $stage in
-        env|ext|tests|compile|bench|algs|step|serving) ;;
-        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench algs step serving)" >&2; exit 2 ;;
+        env|ext|tests|compile|bench|algs|arena|step|serving) ;;
+        *) echo "gpu_check: unknown stage '$stage' (stages: env ext tests compile bench algs arena step serving)" >&2; exit 2 ;;
     esac
 done
 py=${PYTHON:-python3}
@@ -58,6 +58,11 @@ for stage in "${stages[@]}"; do
         algs) STAGE_SECONDS=${STAGE_SECONDS:-480} run_stage algs "$py" -m benchmarks.cusparselt_algs \
                   --out "$out/cusparselt_algs.json" --table "$out/cusparselt_algs_table.json" \
                   ${ALGS_ARGS:---seconds 300 --task-seconds 60 --sanitize} ;;
+        # arena: a block pass's KV read at LLaDA's width, then with Dream's 7:1 grouped-query heads
+        arena) run_stage arena_llada "$py" -m benchmarks.bench_arena --context 4096 --d-model 4096 --heads 32 \
+                   --out "$out/arena_llada.json"
+               run_stage arena_gqa "$py" -m benchmarks.bench_arena --context 4096 --d-model 3584 --heads 28 \
+                   --kv-heads 4 --out "$out/arena_gqa.json" ;;
         step) run_stage step_llada "$py" -m benchmarks.bench_step --model llada-8b --out "$out/step_llada.json" \
                   ${STEP_ARGS:-}
               run_stage step_dream "$py" -m benchmarks.bench_step --model dream-7b --out "$out/step_dream.json" \
