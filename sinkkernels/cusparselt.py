@@ -122,8 +122,9 @@ def plan(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"cuSPARSELt plan for N={n} K={k} M={m} was not made before CUDA graph capture; "
                                "warm up every shape first")
-        alg = choose_algorithm(algorithm_table(), torch.cuda.get_device_name(device), extension().version(),
-                               n, k, m) if dtype == torch.bfloat16 else 0
+        table = algorithm_table() if dtype == torch.bfloat16 else None  # the survey measures bf16
+        alg = 0 if table is None else choose_algorithm(table, torch.cuda.get_device_name(device),
+                                                       extension().version(), n, k, m)
         found = extension().Plan(n, k, m, str(dtype).removeprefix("torch."), alg, device.index or 0)
         _PLANS[key] = found
     return found

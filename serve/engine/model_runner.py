@@ -114,7 +114,7 @@ class PassInputs:
         total = sum(math.prod(size) for size in sizes.values())
         self.host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
         self.device = torch.zeros(total, dtype=torch.long, device=device) if device.type == "cuda" else self.host
-        self.copied: torch.cuda.Event | None = None
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # recorded after each copy
         self.staged: dict[str, np.ndarray] = {}  # what the host writes
         self.views: dict[str, torch.Tensor] = {}  # what the pass reads
         offset = 0
@@ -130,9 +130,8 @@ class PassInputs:
         return self.staged
 
     def upload(self) -> None:
-        if self.device is not self.host:
+        if self.copied is not None:
             self.device.copy_(self.host, non_blocking=True)
-            self.copied = torch.cuda.Event()
             self.copied.record()
 
 
@@ -165,19 +164,17 @@ class StaticPass:
     def fill(self, plans: list[PassPlan], slots: list[int]) -> None:
         """Write this batch's inputs, every row of the shape (rows beyond the batch: no queries, writing into the
         scratch slot), and start their one copy to the device."""
-        shape, rows, staged = self.shape, len(plans), self.inputs.stage()
+        shape, staged = self.shape, self.inputs.stage()
         queries = np.arange(shape.queries)
-        lengths, start, reach, slot = (np.zeros(shape.rows, dtype=np.int64) for _ in range(4))
+        lengths, start, reach, first, slot = (np.zeros(shape.rows, dtype=np.int64) for _ in range(5))
         slot[:] = self.scratch
         ids = staged["ids"]
         ids[:] = self.pad_id
         for row, plan in enumerate(plans):
             ids[row, :len(plan.token_ids)] = plan.token_ids
-            lengths[row], start[row] = len(plan.token_ids), plan.offset
+            lengths[row], start[row], first[row] = len(plan.token_ids), plan.offset, plan.logits[0] - plan.offset
             reach[row] = max(plan.cache_length, plan.offset + len(plan.token_ids))  # cached and written positions
             slot[row] = slots[row]
-        first = np.zeros(shape.rows, dtype=np.int64)
-        first[:rows] = [plan.logits[0] - plan.offset for plan in plans]
         np.minimum(first[:, None] + np.arange(shape.block), shape.queries - 1, out=staged["logits_at"])
         real = queries < lengths[:, None]
         np.copyto(staged["write_slots"], np.where(real, slot[:, None], self.scratch))
@@ -185,7 +182,7 @@ class StaticPass:
         staged["query_start"][:], staged["lengths"][:], staged["reach"][:] = start, lengths, reach
         staged["read_slots"][:] = slot
         self.inputs.upload()
-        self.padded = self.kept or rows < shape.rows or bool((lengths < shape.queries).any())
+        self.padded = self.kept or bool((lengths < shape.queries).any())  # spare rows have no queries
 
     def forward(self) -> torch.Tensor:
         """The pass: run the model (through the arena, if it reads or keeps a cache), keep the logits."""

@@ -211,7 +211,7 @@ def make_attention_inputs(
             else attention_mask.to(device=device, dtype=torch.bool)
         if arena is not None:
             position_ids = arena.query_start[:, None] + real.long().cumsum(-1) - 1
-            key_mask = arena.key_mask if arena.length else None if attention_mask is None else real
+            key_mask = arena.key_mask if arena.length else (None if attention_mask is None else real)
         else:
             empty = real[:, :0]
             prefix_mask = empty if prefix_mask is None else prefix_mask.to(device)
