@@ -26,6 +26,7 @@ import functools
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -194,14 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     version = extension().version()  # built here, once, before any child needs it
     shapes = sorted({shape for name in args.models
                      for shape in served_shapes(DLMConfig.from_hf_config(PRESETS[name]))})
-    folder = args.out.with_suffix("")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # the children's journals and logs: a folder of our own, whose logs the report keeps, removed at the end
+    work = Path(tempfile.mkdtemp(prefix=".cusparselt_algs-", dir=args.out.parent))
     started = datetime.datetime.now(datetime.timezone.utc)
     deadline = started.timestamp() + args.seconds
 
     def phase(name: str, tasks: list[dict]) -> list[dict]:
         left = deadline - datetime.datetime.now(datetime.timezone.utc).timestamp()
         with tqdm(total=len(tasks), desc=name, unit="task") as bar:
-            return run_isolated("benchmarks.cusparselt_algs:measure", tasks, folder / name, args.task_seconds,
+            return run_isolated("benchmarks.cusparselt_algs:measure", tasks, work / name, args.task_seconds,
                                 max(left, 1.0), on_progress=lambda done: bar.update(done - bar.n))
 
     first = phase("default", plan_tasks(shapes, args.m, args.warmup, args.reps))
@@ -210,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     search_tasks = [{"n": n, "k": k, "m": SEARCH_M, "search": True, "warmup": args.warmup, "reps": args.reps}
                     for n, k in shapes] if SEARCH_M in args.m else []
     searched = []
-    for task in search_tasks:  # one child each; the first crash ends the phase
-        searched += phase("search", [task])
+    for index, task in enumerate(search_tasks):  # one child each; the first crash ends the phase
+        searched += phase(f"search{index}", [task])
         if searched[-1]["state"] in ("crashed", "timed out"):
             break
     entries = first + probes + grid + searched
@@ -222,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python -m benchmarks.cusparselt_algs", *(sys.argv[1:] if argv is None else argv)]),
               "rows": rows, "entries": entries}
     if args.sanitize:
-        report["sanitizer"] = sanitize(entries, folder, args.task_seconds * 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        report["sanitizer"] = sanitize(entries, work, args.task_seconds * 2)
+    report["child_logs"] = {log.parent.name: log.read_text()[-20000:] for log in sorted(work.glob("*/children.log"))
+                            if log.parent.name != "sanitize"}
+    shutil.rmtree(work)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(rows, entries))
     if args.table:

@@ -105,3 +105,28 @@ def test_a_survey_task_runs_in_a_child_and_reports_why_it_failed_here(tmp_path, 
     [result] = run_isolated("benchmarks.cusparselt_algs:measure", [entry(64, 32, 256, 0)["task"]], tmp_path,
                             task_seconds=60, total_seconds=120)
     assert result["state"] == "error" and "CUDA" in result["message"], result
+
+
+@NO_GPU
+def test_the_survey_keeps_its_childrens_logs_in_the_report_and_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """The whole survey on a CPU, where every task fails (no CUDA): every phase runs its children in a folder
+    of its own beside --out, the report keeps their logs, and the folder is gone afterwards."""
+    import benchmarks.cusparselt_algs as survey
+
+    class Library:
+        @staticmethod
+        def version():
+            return "0.8.0"
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "no GPU")
+    monkeypatch.setattr(cusparselt, "extension", lambda: Library)
+    (tmp_path / "mine").mkdir()
+    out = tmp_path / "algs.json"
+    assert survey.main(["--models", "dream-7b", "--m", "256,1024", "--out", str(out), "--seconds", "120"]) == 0
+    report = json.loads(out.read_text())
+    assert report["rows"] == [] and {e["state"] for e in report["entries"]} == {"error"}
+    assert len([e for e in report["entries"] if e["task"].get("search")]) == 4  # errors do not end the searches
+    assert set(report["child_logs"]) == {"default", "probe", "grid", "search0", "search1", "search2", "search3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["algs.json", "mine"]
